@@ -1,0 +1,168 @@
+"""The ``gazemonai`` command line (``python -m gazemonai`` works too).
+
+Commands::
+
+    gazemonai pseudo-masks  --data-root DIR --gaze-csv CSV --out DIR [options]
+    gazemonai simulate-gaze --masks DIR --out CSV [--seed 0]
+
+``gazemonai COMMAND --help`` lists every option.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+
+from .gaze.fixations import FixationFormatError
+
+__all__ = ["main", "pseudo_masks", "simulate_gaze"]
+
+logger = logging.getLogger("gazemonai")
+
+
+def _floats(value) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return (float(value),)
+    if isinstance(value, str):
+        value = value.strip("[]() ").split(",")
+    return tuple(float(v) for v in value)
+
+
+def pseudo_masks(
+    data_root: str,
+    gaze_csv: str,
+    out: str,
+    preset: str = "kvasir",
+    split: str | None = None,
+    thresholds=None,
+    sigma: float | None = None,
+    max_side: int | None = None,
+    full_resolution: bool = False,
+    heatmap_mode: str | None = None,
+    no_crf: bool = False,
+    images_dir: str = "images",
+    masks_dir: str = "masks",
+    limit: int | None = None,
+    workers: int | None = None,
+    strict: bool = False,
+    no_maps: bool = False,
+    quiet: bool = False,
+):
+    """Write heatmaps, CRF-refined maps and per-level pseudo-masks for a dataset folder.
+
+    Resumes: images already done with the same parameters (per OUT/records.jsonl) are skipped.
+    Ends with a JSON summary (images done/resumed/skipped/failed, mean Dice per level vs the GT in
+    DATA_ROOT/masks when present); exits 1 if any image failed.
+
+    Args:
+        data_root: folder with images/ (and masks/ for the Dice summary).
+        gaze_csv: fixation CSV in the GazeMedSeg schema.
+        out: output folder.
+        preset: parameter set, "kvasir" (sigma 70, thresholds 0.5,0.3) or "prostate" (50; 0.2,0.4).
+        split: file of ids (one per line) to process, e.g. DATA_ROOT/train.txt; default all of the CSV.
+        thresholds: comma-separated thresholds, one per level (overrides the preset).
+        sigma: heatmap Gaussian sigma on the 768 canvas (overrides the preset).
+        max_side: CRF working resolution, longer side in pixels (default 160).
+        full_resolution: run the CRF at full resolution, as the original recipe (slow).
+        heatmap_mode: "fast" (default) or "reference".
+        no_crf: threshold the heatmap itself, without CRF refinement.
+        images_dir: image sub-folder name.
+        masks_dir: ground-truth sub-folder name.
+        limit: process at most this many images.
+        workers: processes to use (default: all cores).
+        strict: treat images missing on disk or without fixations as errors instead of skips.
+        no_maps: write only the pseudo-masks, not the heatmap/refined maps.
+        quiet: no progress bar.
+    """
+    from .gaze.dataset import read_ids, run_pseudo_masks
+    from .gaze.pseudo_masks import PRESETS
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
+    config = PRESETS[preset].replace(thresholds=_floats(thresholds), sigma=sigma, heatmap_mode=heatmap_mode)
+    if max_side is not None:
+        config = config.replace(max_side=int(max_side))
+    if full_resolution:
+        config = dataclasses.replace(config, max_side=None)
+    if no_crf:
+        config = dataclasses.replace(config, refine=False)
+    ids = read_ids(split) if split else None
+    summary = run_pseudo_masks(
+        data_root,
+        gaze_csv,
+        out,
+        config=config,
+        images_dir=images_dir,
+        masks_dir=masks_dir,
+        ids=ids,
+        limit=limit,
+        workers=workers,
+        strict=strict,
+        save_maps=not no_maps,
+        progress=not quiet,
+    )
+    print(_format_summary(summary, out))
+    print(json.dumps(summary))
+    if summary["failed"]:
+        raise SystemExit(1)
+
+
+def _format_summary(s: dict, out: str) -> str:
+    lines = [
+        f"pseudo-masks: {s['done']} done, {s['resumed']} already done (resumed), "
+        f"{s['skipped_missing']} skipped (image not on disk), {s['skipped_no_gaze']} skipped (no fixations), "
+        f"{s['failed']} failed  [{s['seconds']} s, {s['workers']} workers]",
+    ]
+    for name, v in s["dice_vs_gt"].items():
+        lines.append(f"  {name} (threshold {v['threshold']}): mean Dice vs GT {v['mean_dice']:.4f}")
+    if s["gaze_size_mismatch"]:
+        lines.append(
+            f"  note: {s['gaze_size_mismatch']} image(s) differ in size from IMAGE_HEIGHT/WIDTH of the CSV"
+        )
+    lines.append(f"outputs and manifest.json in {out}")
+    return "\n".join(lines)
+
+
+def simulate_gaze(
+    masks: str, out: str, seed: int = 0, split: str | None = None, image_suffix: str | None = None
+):
+    """Simulate eye-tracking fixations from a folder of masks and write them as a GazeMedSeg CSV.
+
+    Args:
+        masks: folder of binary masks (0/255 or 0/1 PNG/JPEG).
+        out: CSV to write.
+        seed: random seed; the same seed, mask and name always give the same fixations.
+        split: file of ids (one per line) to simulate; default every mask in the folder.
+        image_suffix: extension to record in IMAGE (default: the mask's file name), e.g. ".jpg".
+    """
+    from .gaze.dataset import read_ids
+    from .gaze.simulate import GazeSimulator, simulate_gaze_folder
+
+    ids = read_ids(split) if split else None
+    summary = simulate_gaze_folder(
+        masks, out, GazeSimulator(seed=int(seed)), ids=ids, image_suffix=image_suffix
+    )
+    print(f"simulated {summary['fixations']} fixations on {summary['images']} images -> {summary['csv']}")
+    print(json.dumps(summary))
+
+
+COMMANDS = {"pseudo-masks": pseudo_masks, "simulate-gaze": simulate_gaze}
+
+
+def main(argv=None) -> None:
+    import fire
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        fire.Fire(COMMANDS, command=argv, name="gazemonai")
+    except (FixationFormatError, FileNotFoundError, ValueError) as e:
+        print(f"gazemonai: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

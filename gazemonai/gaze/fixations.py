@@ -1,0 +1,298 @@
+"""Step 1 of the data flow: read eye-tracker fixation CSVs into per-image fixation tables.
+
+The schema is the one of the GazeMedSeg release (Zhong et al., MICCAI 2024), one row per fixation::
+
+    IMAGE, CURRENT_FIX_INDEX, CURRENT_FIX_X, CURRENT_FIX_Y, CURRENT_FIX_DURATION,
+    CURRENT_FIX_PUPIL, CURRENT_FIX_START, IMAGE_HEIGHT, IMAGE_WIDTH
+
+X and Y are normalised to [0, 1] (x by the image width, y by its height, origin top-left) and the
+duration is in milliseconds. Every row is validated; a bad row raises :class:`FixationFormatError`
+naming the file, the line number and what is wrong, so nothing is silently dropped.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "REQUIRED_COLUMNS",
+    "ALL_COLUMNS",
+    "FixationFormatError",
+    "ImageFixations",
+    "read_fixation_csv",
+    "write_fixation_csv",
+    "validate_image_name",
+]
+
+#: Columns the pipeline needs. ``CURRENT_FIX_PUPIL``/``CURRENT_FIX_START`` are optional.
+REQUIRED_COLUMNS = (
+    "IMAGE",
+    "CURRENT_FIX_INDEX",
+    "CURRENT_FIX_X",
+    "CURRENT_FIX_Y",
+    "CURRENT_FIX_DURATION",
+    "IMAGE_HEIGHT",
+    "IMAGE_WIDTH",
+)
+#: The full GazeMedSeg schema, in file order (what :func:`write_fixation_csv` writes).
+ALL_COLUMNS = (
+    "IMAGE",
+    "CURRENT_FIX_INDEX",
+    "CURRENT_FIX_X",
+    "CURRENT_FIX_Y",
+    "CURRENT_FIX_DURATION",
+    "CURRENT_FIX_PUPIL",
+    "CURRENT_FIX_START",
+    "IMAGE_HEIGHT",
+    "IMAGE_WIDTH",
+)
+
+
+class FixationFormatError(ValueError):
+    """A fixation CSV that does not follow the schema; the message names file, row and problem."""
+
+
+@dataclass
+class ImageFixations:
+    """The fixations recorded on one image, in viewing order.
+
+    Args:
+        image: the ``IMAGE`` value of the CSV (a file name such as ``cju0qkwl35piu0993l0dewei2.jpg``).
+        xy: (N, 2) float array of normalised (x, y) positions, origin top-left.
+        duration: (N,) float array of durations in milliseconds.
+        height: image height recorded with the gaze (``IMAGE_HEIGHT``).
+        width: image width recorded with the gaze (``IMAGE_WIDTH``).
+        index: (N,) ``CURRENT_FIX_INDEX`` values.
+        start: (N,) ``CURRENT_FIX_START`` values (ms), NaN where absent.
+        pupil: (N,) ``CURRENT_FIX_PUPIL`` values, NaN where absent.
+        rows: (N,) line numbers in the source file (1-based, header = line 1), for error messages.
+    """
+
+    image: str
+    xy: np.ndarray
+    duration: np.ndarray
+    height: int
+    width: int
+    index: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    start: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    pupil: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return int(self.duration.shape[0])
+
+    @property
+    def stem(self) -> str:
+        """The image id: ``IMAGE`` without its extension."""
+        return os.path.splitext(self.image)[0]
+
+    def as_array(self) -> np.ndarray:
+        """(N, 3) float64 array of (x, y, duration): the form the heatmap transforms take."""
+        return np.concatenate([self.xy, self.duration[:, None]], axis=1)
+
+
+def validate_image_name(name: str, where: str = "") -> str:
+    """Check that an ``IMAGE`` value is a plain file name that cannot escape the dataset folder.
+
+    Args:
+        name: the value to check.
+        where: prefix for the error message (file and row).
+
+    Raises:
+        FixationFormatError: when the name is empty, absolute, contains a path separator or is ``..``.
+    """
+    prefix = f"{where}: " if where else ""
+    if not name or not name.strip():
+        raise FixationFormatError(f"{prefix}IMAGE is empty")
+    parts = re.split(r"[\\/]", name)
+    if ".." in parts or name == ".":
+        raise FixationFormatError(f"{prefix}IMAGE {name!r} refers outside the dataset folder")
+    if len(parts) > 1 or (os.altsep and os.altsep in name) or os.sep in name:
+        raise FixationFormatError(
+            f"{prefix}IMAGE {name!r} contains a path separator; only file names are allowed"
+        )
+    if "\x00" in name:
+        raise FixationFormatError(f"{prefix}IMAGE {name!r} contains a NUL byte")
+    return name
+
+
+def _number(value: str | None, column: str, where: str) -> float:
+    if value is None or value.strip() == "":
+        raise FixationFormatError(f"{where}: {column} is empty")
+    try:
+        out = float(value)
+    except ValueError:
+        raise FixationFormatError(f"{where}: {column}={value!r} is not a number") from None
+    if math.isnan(out) or math.isinf(out):
+        raise FixationFormatError(f"{where}: {column}={value!r} is not a finite number")
+    return out
+
+
+def _optional_number(value: str | None, column: str, where: str) -> float:
+    if value is None or value.strip() == "":
+        return float("nan")
+    return _number(value, column, where)
+
+
+def read_fixation_csv(
+    path: str | os.PathLike,
+    images: Iterable[str] | None = None,
+) -> dict[str, ImageFixations]:
+    """Read and validate a GazeMedSeg-style fixation CSV.
+
+    Args:
+        path: the CSV file.
+        images: optional subset of ``IMAGE`` values (or their stems) to keep; rows of other images are
+            still validated, so a broken file is never half-read.
+
+    Returns:
+        ``{IMAGE: ImageFixations}``, in order of first appearance, fixations sorted by
+        ``CURRENT_FIX_INDEX``.
+
+    Raises:
+        FileNotFoundError: when the file does not exist.
+        FixationFormatError: for an empty file, missing columns, a non-numeric/NaN/infinite value, a
+            coordinate outside [0, 1], a non-positive duration or image size, an IMAGE with a path
+            separator or ``..``, duplicated fixation indices, or image sizes that change between
+            rows of one image. The message names the file and line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"fixation CSV not found: {path}")
+    wanted = None
+    if images is not None:
+        wanted = set()
+        for name in images:
+            wanted.add(name)
+            wanted.add(os.path.splitext(name)[0])
+
+    per_image: dict[str, dict[str, list]] = {}
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None:
+            raise FixationFormatError(f"{path}: the file is empty (no header, no rows)")
+        header = [c.strip() for c in reader.fieldnames]
+        missing = [c for c in REQUIRED_COLUMNS if c not in header]
+        if missing:
+            raise FixationFormatError(
+                f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(header)}"
+            )
+        reader.fieldnames = header
+        n_rows = 0
+        for row in reader:
+            n_rows += 1
+            line = reader.line_num
+            where = f"{path}, line {line}"
+            if None in row:
+                raise FixationFormatError(f"{where}: more fields than the header has")
+            name = validate_image_name((row["IMAGE"] or "").strip(), where)
+            x = _number(row["CURRENT_FIX_X"], "CURRENT_FIX_X", where)
+            y = _number(row["CURRENT_FIX_Y"], "CURRENT_FIX_Y", where)
+            dur = _number(row["CURRENT_FIX_DURATION"], "CURRENT_FIX_DURATION", where)
+            idx = _number(row["CURRENT_FIX_INDEX"], "CURRENT_FIX_INDEX", where)
+            h = _number(row["IMAGE_HEIGHT"], "IMAGE_HEIGHT", where)
+            w = _number(row["IMAGE_WIDTH"], "IMAGE_WIDTH", where)
+            start = _optional_number(row.get("CURRENT_FIX_START"), "CURRENT_FIX_START", where)
+            pupil = _optional_number(row.get("CURRENT_FIX_PUPIL"), "CURRENT_FIX_PUPIL", where)
+            if not 0.0 <= x <= 1.0:
+                raise FixationFormatError(f"{where}: CURRENT_FIX_X={x} is outside [0, 1] (image {name})")
+            if not 0.0 <= y <= 1.0:
+                raise FixationFormatError(f"{where}: CURRENT_FIX_Y={y} is outside [0, 1] (image {name})")
+            if dur <= 0:
+                raise FixationFormatError(
+                    f"{where}: CURRENT_FIX_DURATION={dur} must be positive (image {name})"
+                )
+            if h <= 0 or w <= 0 or h != int(h) or w != int(w):
+                raise FixationFormatError(
+                    f"{where}: IMAGE_HEIGHT/IMAGE_WIDTH={h}/{w} must be positive integers (image {name})"
+                )
+            rec = per_image.get(name)
+            if rec is None:
+                rec = per_image[name] = {
+                    "hw": (int(h), int(w)),
+                    "first_line": line,
+                    "cols": [],
+                }
+            elif rec["hw"] != (int(h), int(w)):
+                raise FixationFormatError(
+                    f"{where}: image {name} has size {int(h)}x{int(w)} here but "
+                    f"{rec['hw'][0]}x{rec['hw'][1]} at line {rec['first_line']}"
+                )
+            rec["cols"].append((idx, x, y, dur, start, pupil, line))
+    if n_rows == 0:
+        raise FixationFormatError(f"{path}: the file has a header but no fixation rows")
+
+    out: dict[str, ImageFixations] = {}
+    for name, rec in per_image.items():
+        if wanted is not None and name not in wanted and os.path.splitext(name)[0] not in wanted:
+            continue
+        arr = np.asarray(rec["cols"], dtype=np.float64)
+        order = np.argsort(arr[:, 0], kind="stable")
+        arr = arr[order]
+        dup = np.nonzero(np.diff(arr[:, 0]) == 0)[0]
+        if dup.size:
+            raise FixationFormatError(
+                f"{path}, line {int(arr[dup[0] + 1, 6])}: image {name} repeats "
+                f"CURRENT_FIX_INDEX={int(arr[dup[0], 0])}"
+            )
+        out[name] = ImageFixations(
+            image=name,
+            xy=arr[:, 1:3].copy(),
+            duration=arr[:, 3].copy(),
+            height=rec["hw"][0],
+            width=rec["hw"][1],
+            index=arr[:, 0].astype(np.int64),
+            start=arr[:, 4].copy(),
+            pupil=arr[:, 5].copy(),
+            rows=arr[:, 6].astype(np.int64),
+        )
+    return out
+
+
+def write_fixation_csv(path: str | os.PathLike, fixations: Mapping[str, ImageFixations] | Iterable) -> Path:
+    """Write fixation tables in the GazeMedSeg schema (the inverse of :func:`read_fixation_csv`).
+
+    Args:
+        path: output CSV path; parent folders are created.
+        fixations: a mapping or an iterable of :class:`ImageFixations`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    items = fixations.values() if isinstance(fixations, Mapping) else fixations
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(ALL_COLUMNS)
+        for fx in items:
+            validate_image_name(fx.image)
+            n = len(fx)
+            index = fx.index if len(fx.index) == n else np.arange(1, n + 1)
+            start = fx.start if len(fx.start) == n else np.full(n, np.nan)
+            pupil = fx.pupil if len(fx.pupil) == n else np.full(n, np.nan)
+            for i in range(n):
+                writer.writerow(
+                    [
+                        fx.image,
+                        int(index[i]),
+                        repr(float(fx.xy[i, 0])),
+                        repr(float(fx.xy[i, 1])),
+                        _fmt(fx.duration[i]),
+                        "" if np.isnan(pupil[i]) else _fmt(pupil[i]),
+                        "" if np.isnan(start[i]) else _fmt(start[i]),
+                        f"{float(fx.height):.1f}",
+                        f"{float(fx.width):.1f}",
+                    ]
+                )
+    return path
+
+
+def _fmt(v: float) -> str:
+    v = float(v)
+    return str(int(v)) if v == int(v) else repr(v)
