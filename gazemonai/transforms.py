@@ -40,6 +40,8 @@ __all__ = [
     "CRFRefined",
     "PseudoMaskLevels",
     "PseudoMaskLevelsd",
+    "BinarizeMaskd",
+    "SaveMaskd",
 ]
 
 
@@ -267,4 +269,85 @@ class PseudoMaskLevelsd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             d[self.label_key] = _like(self.levels(d[key]), d[key])
+        return d
+
+
+class BinarizeMaskd(MapTransform):
+    """Channel-first mask -> (1, H, W) float 0/1: the maximum over channels above ``threshold``.
+
+    JPEG masks such as Kvasir-SEG's are stored as noisy 0/255 RGB (threshold 127); masks whose
+    values are all <= 1 are taken as 0/1 label maps (foreground > 0).
+
+    Args:
+        keys: mask keys.
+        threshold: foreground threshold for 0-255 masks.
+        allow_missing_keys: don't raise when a key is absent.
+    """
+
+    def __init__(
+        self, keys: KeysCollection = "label", threshold: float = 127.0, allow_missing_keys: bool = False
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.threshold = float(threshold)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            m = d[key]
+            t = m if isinstance(m, torch.Tensor) else torch.as_tensor(np.asarray(m))
+            if t.dim() < 3:
+                raise ValueError(f"{key}: expected a channel-first mask, got shape {tuple(t.shape)}")
+            t = t.amax(dim=0, keepdim=True)
+            thr = 0.0 if float(t.max()) <= 1.0 else self.threshold
+            out = (t > thr).to(torch.float32)
+            if isinstance(m, MetaTensor):
+                out = MetaTensor(out.as_tensor() if isinstance(out, MetaTensor) else out, meta=dict(m.meta))
+            d[key] = out
+        return d
+
+
+class SaveMaskd(MapTransform):
+    """Write a binary (1, H, W) prediction as an 8-bit 0/255 PNG named after its source image.
+
+    ``OUTPUT_DIR/<stem of d[source_key]'s filename>.png``, rows = y as read with
+    ``PILReader(reverse_indexing=False)``; the prediction is expected at the input image's size
+    (invert the resizing first, e.g. with ``Invertd``).
+
+    Args:
+        keys: prediction key (one).
+        output_dir: output folder (created).
+        source_key: key whose ``filename_or_obj`` metadata names the file.
+        allow_missing_keys: don't raise when the key is absent.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "pred",
+        output_dir: str = "./eval",
+        source_key: str = "image",
+        allow_missing_keys: bool = False,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.output_dir = output_dir
+        self.source_key = source_key
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        import os
+
+        from .io import write_png
+
+        d = dict(data)
+        src = d.get(self.source_key)
+        meta = getattr(src, "meta", {}) or {}
+        name = meta.get("filename_or_obj")
+        if not name:
+            raise ValueError(
+                f"{self.source_key} carries no filename_or_obj metadata to name the output after"
+            )
+        stem = os.path.splitext(os.path.basename(str(name)))[0]
+        for key in self.key_iterator(d):
+            m = _numpy(d[key])
+            if m.ndim == 3:
+                m = m[0]
+            write_png(os.path.join(self.output_dir, f"{stem}.png"), m > 0.5)
         return d

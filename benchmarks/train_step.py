@@ -1,0 +1,121 @@
+"""One training step of the multi-level gaze loss: ours against the reference's unfold propagation.
+
+Each implementation runs in its own process (so peak RSS is its own), fp32, 2 threads, SGD step
+included. ``--impl both`` (default) runs ours then the reference at the same settings and prints,
+as the last line, one JSON object::
+
+    {"ms_per_step": .., "peak_rss_mb": .., "ref_ms_per_step": .., "ref_peak_rss_mb": .., "speedup": ..,
+     "rss_ratio": .., "levels": N, "features": [...], "size": S, "batch": B}
+
+Usage: python benchmarks/train_step.py --levels 2 --features 64,128,256,512,1024,128 --size 96 --batch 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def measure(impl: str, levels, features, size, batch, steps, threads, step_in_backward: bool) -> dict:
+    import torch
+
+    from gazemonai.losses import MultiLevelGazeLoss
+    from gazemonai.networks import MultiLevelNet, feature_propagation_unfold
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    net = MultiLevelNet(
+        num_levels=levels, features=features, init="copy" if impl == "reference" else "independent"
+    )
+    if impl == "reference":
+        net.propagation = feature_propagation_unfold
+    loss_fn = MultiLevelGazeLoss(consistency="prop", consistency_weight=3.0)
+    opt = torch.optim.SGD(net.parameters(), lr=1e-2, momentum=0.99, nesterov=True, weight_decay=4e-4)
+    if impl == "ours" and step_in_backward:
+        from gazemonai.engine import StepInBackward
+
+        StepInBackward.attach(opt)
+    x = torch.randn(batch, 3, size, size)
+    y = (torch.rand(batch, levels, size, size) > 0.5).float()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(net(x, output="train"), y)
+        loss.backward()
+        opt.step()
+
+    step()  # warm-up (allocations, oneDNN primitive creation)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    ms = (time.perf_counter() - t0) / steps * 1000
+    return {
+        "ms_per_step": round(ms, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--levels", type=int, default=2)
+    ap.add_argument("--features", default="64,128,256,512,1024,128", help="BasicUNet widths, comma separated")
+    ap.add_argument("--size", type=int, default=96)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--impl", choices=["ours", "reference", "both"], default="both")
+    ap.add_argument(
+        "--no-step-in-backward",
+        dest="step_in_backward",
+        action="store_false",
+        help="ours: plain optimizer.step() after backward instead of fusing it into the backward pass",
+    )
+    args = ap.parse_args(argv)
+    features = [int(f) for f in args.features.split(",")]
+    if args.impl != "both":
+        res = measure(
+            args.impl,
+            args.levels,
+            features,
+            args.size,
+            args.batch,
+            args.steps,
+            args.threads,
+            args.step_in_backward,
+        )
+        print(json.dumps(res))
+        return
+    res = {}
+    for impl in ("ours", "reference"):
+        cmd = [sys.executable, __file__, "--impl", impl] + [
+            f"--{k}={v}" for k, v in vars(args).items() if k not in ("impl", "step_in_backward")
+        ]
+        if not args.step_in_backward:
+            cmd.append("--no-step-in-backward")
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        res[impl] = json.loads(out)
+    result = {
+        "ms_per_step": res["ours"]["ms_per_step"],
+        "peak_rss_mb": res["ours"]["peak_rss_mb"],
+        "ref_ms_per_step": res["reference"]["ms_per_step"],
+        "ref_peak_rss_mb": res["reference"]["peak_rss_mb"],
+        "speedup": round(res["reference"]["ms_per_step"] / res["ours"]["ms_per_step"], 2),
+        "rss_ratio": round(res["ours"]["peak_rss_mb"] / res["reference"]["peak_rss_mb"], 3),
+        "levels": args.levels,
+        "features": features,
+        "size": args.size,
+        "batch": args.batch,
+        "step_in_backward": args.step_in_backward,
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Engine pieces the bundles' MONAI trainers and evaluators use.
+
+* :class:`MultiLevelPrepareBatch` hands the trainer/evaluator the image, the level targets and the
+  network output mode (``output="train"`` for the loss, ``"stack"`` for per-level evaluation).
+* :func:`num_levels` / :func:`level_label_key`: one ``supervision`` switch (``gaze`` or ``full``).
+* :class:`StepInBackward`: optimizer step fused into the backward pass (saves the gradient memory).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from monai.engines import PrepareBatch
+from monai.utils import CommonKeys
+
+__all__ = ["MultiLevelPrepareBatch", "StepInBackward", "num_levels", "level_label_key", "SUPERVISION_MODES"]
+
+SUPERVISION_MODES = ("gaze", "full")
+
+
+def _check_mode(supervision: str) -> str:
+    if supervision not in SUPERVISION_MODES:
+        raise ValueError(f"supervision must be one of {SUPERVISION_MODES}, got {supervision!r}")
+    return supervision
+
+
+def num_levels(supervision: str, thresholds: Sequence[float]) -> int:
+    """Level networks for a supervision mode: one per threshold with gaze, one with full masks."""
+    return len(thresholds) if _check_mode(supervision) == "gaze" else 1
+
+
+def level_label_key(supervision: str, pseudo_key: str = "pseudo_label", label_key: str = "label") -> str:
+    """The data key the training loss reads: the stacked pseudo-masks with gaze, the mask with full."""
+    return pseudo_key if _check_mode(supervision) == "gaze" else label_key
+
+
+class MultiLevelPrepareBatch(PrepareBatch):
+    """Batch preparation for :class:`~gazemonai.networks.MultiLevelNet` in a MONAI engine.
+
+    Returns ``(image, target, (), {"output": output})`` so the engine's inferer calls
+    ``network(image, output=output)``.
+
+    Args:
+        label_key: the target key: ``"pseudo_label"`` (B, N, H, W) for gaze, ``"label"`` for full
+            masks and for evaluation against ground truth.
+        image_key: the image key.
+        output: network output mode (``"train"`` for the loss, ``"stack"`` for per-level metrics,
+            ``"ensemble"`` for plain prediction).
+    """
+
+    def __init__(
+        self, label_key: str = "pseudo_label", image_key: str = CommonKeys.IMAGE, output: str = "train"
+    ):
+        self.label_key = label_key
+        self.image_key = image_key
+        self.output = output
+
+    def __call__(
+        self, batchdata: dict, device: str | torch.device | None = None, non_blocking: bool = False, **kwargs
+    ):
+        if self.label_key not in batchdata:
+            raise KeyError(f"batch has no {self.label_key!r} (keys: {', '.join(map(str, batchdata))})")
+        image = batchdata[self.image_key].to(device=device, non_blocking=non_blocking, **kwargs)
+        target = batchdata[self.label_key].to(device=device, non_blocking=non_blocking, **kwargs)
+        return image, target, (), {"output": self.output}
+
+
+class StepInBackward:
+    """Apply ``optimizer`` to each parameter as soon as its gradient is ready, then free the gradient.
+
+    The gradients of all parameters never exist at once, which saves their memory (a quarter of the
+    training state for SGD with momentum: parameters, gradients, momentum, activations). It is the
+    same update as ``optimizer.step()`` after ``backward()`` for optimizers that treat parameters
+    independently (SGD, Adam, AdamW); it rules out gradient clipping, accumulation and AMP scaling.
+    The engine's own ``zero_grad()``/``step()`` calls find no gradients and do nothing, and LR
+    schedulers, ``state_dict`` and checkpoints keep working on the wrapped ``optimizer``, which this
+    returns from :meth:`attach`.
+
+    Args:
+        optimizer: a ``torch.optim`` optimizer over leaf parameters.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+        self.handles = []
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.requires_grad:
+                    self.handles.append(p.register_post_accumulate_grad_hook(self._step))
+
+    def _step(self, param: torch.Tensor) -> None:
+        self.optimizer.step()  # only ``param`` holds a gradient now
+        param.grad = None
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    @classmethod
+    def attach(cls, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """Install the hooks on ``optimizer``'s parameters and return ``optimizer`` (for configs)."""
+        optimizer._gazemonai_step_in_backward = cls(optimizer)
+        return optimizer

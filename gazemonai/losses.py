@@ -1,0 +1,134 @@
+"""Losses of multi-level gaze supervision (GazeSup, Zhong et al., MICCAI 2024).
+
+* :class:`CrossLevelConsistencyLoss` pulls each level toward its peers' predictions. With
+  ``p = [1 - sigmoid(z), sigmoid(z)]`` the two-class probability vector of a logit map, level ``i``'s
+  term is ``-1/(N-1) * sum_{j != i} mean_pixels <q_i, stopgrad(p_j)>`` where ``q_i`` is ``p_i``
+  (``"pure"``) or the probability of level ``i``'s feature-propagated logits (``"prop"``).
+* :class:`MultiLevelGazeLoss` = ``sum_i (w_dice * Dice + w_bce * BCE)(logits_i, pseudo_i)
+  + weight * sum_i consistency_i``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from monai.losses import DiceLoss
+from torch import nn
+
+__all__ = ["CrossLevelConsistencyLoss", "MultiLevelGazeLoss"]
+
+
+def _two_class(logits: torch.Tensor) -> torch.Tensor:
+    p = torch.sigmoid(logits)
+    return torch.cat([1.0 - p, p], dim=1)
+
+
+class CrossLevelConsistencyLoss(nn.Module):
+    """Agreement of each level with the (stop-gradient) predictions of the other levels.
+
+    Args:
+        mode: ``"prop"`` compares each level's propagated prediction with its peers, ``"pure"`` its
+            own prediction.
+        reduction: ``"sum"`` over levels (the paper), ``"mean"``, or ``"none"`` for the (N,) vector.
+    """
+
+    def __init__(self, mode: str = "prop", reduction: str = "sum") -> None:
+        super().__init__()
+        if mode not in ("prop", "pure"):
+            raise ValueError(f"mode must be 'prop' or 'pure', got {mode!r}")
+        if reduction not in ("sum", "mean", "none"):
+            raise ValueError(f"reduction must be 'sum', 'mean' or 'none', got {reduction!r}")
+        self.mode = mode
+        self.reduction = reduction
+
+    def forward(
+        self, level_logits: Sequence[torch.Tensor], prop_logits: Sequence[torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        n = len(level_logits)
+        if n < 2:
+            return level_logits[0].new_zeros(()) if self.reduction != "none" else level_logits[0].new_zeros(n)
+        if self.mode == "prop":
+            if prop_logits is None or len(prop_logits) != n:
+                raise ValueError("mode 'prop' needs one propagated logit map per level")
+            queries = [_two_class(z) for z in prop_logits]
+        else:
+            queries = [_two_class(z) for z in level_logits]
+        targets = [_two_class(z).detach() for z in level_logits]
+        terms = []
+        for i, q in enumerate(queries):
+            agree = sum((q * targets[j]).sum(dim=1).mean() for j in range(n) if j != i)
+            terms.append(-agree / (n - 1))
+        loss = torch.stack(terms)
+        if self.reduction == "sum":
+            return loss.sum()
+        if self.reduction == "mean":
+            return loss.mean()
+        return loss
+
+
+class MultiLevelGazeLoss(nn.Module):
+    """Per-level Dice + BCE against each level's pseudo-mask, plus weighted cross-level consistency.
+
+    Args:
+        consistency: ``"prop"``, ``"pure"`` or ``"none"``.
+        consistency_weight: the consistency weight (the paper: 3).
+        dice_weight: weight of the soft Dice term (the paper: 0.5).
+        bce_weight: weight of the BCE-with-logits term (the paper: 0.5).
+        smooth_nr: Dice numerator smoothing.
+        smooth_dr: Dice denominator smoothing.
+
+    ``forward(y_pred, y)``: ``y_pred`` is :class:`~gazemonai.networks.MultiLevelNet`'s
+    ``output="train"`` dict (``level_logits``, ``prop_logits``), or a (B, N, ...) tensor of level
+    logits (no propagation); ``y`` is (B, N, ...), channel ``i`` the pseudo-mask of level ``i``
+    (a single channel is shared by all levels). The last call's parts are kept in ``self.last``
+    (floats) for logging.
+    """
+
+    def __init__(
+        self,
+        consistency: str = "prop",
+        consistency_weight: float = 3.0,
+        dice_weight: float = 0.5,
+        bce_weight: float = 0.5,
+        smooth_nr: float = 1e-5,
+        smooth_dr: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        if consistency not in ("prop", "pure", "none"):
+            raise ValueError(f"consistency must be 'prop', 'pure' or 'none', got {consistency!r}")
+        self.consistency = None if consistency == "none" else CrossLevelConsistencyLoss(consistency, "sum")
+        self.consistency_weight = float(consistency_weight)
+        self.dice_weight = float(dice_weight)
+        self.bce_weight = float(bce_weight)
+        self.dice = DiceLoss(sigmoid=True, smooth_nr=smooth_nr, smooth_dr=smooth_dr)
+        self.bce = nn.BCEWithLogitsLoss()
+        self.last: dict[str, float] = {}
+
+    def forward(self, y_pred, y: torch.Tensor) -> torch.Tensor:
+        if isinstance(y_pred, dict):
+            level_logits = list(y_pred["level_logits"])
+            prop_logits = list(y_pred.get("prop_logits") or [])
+        else:
+            level_logits = list(torch.split(y_pred, 1, dim=1))
+            prop_logits = []
+        n = len(level_logits)
+        y = y.float()
+        if y.shape[1] not in (1, n):
+            raise ValueError(f"{n} levels but the target has {y.shape[1]} channels")
+        total = level_logits[0].new_zeros(())
+        parts: dict[str, float] = {}
+        for i, z in enumerate(level_logits):
+            t = y[:, i : i + 1] if y.shape[1] == n else y
+            dice = self.dice(z, t)
+            bce = self.bce(z, t)
+            total = total + self.dice_weight * dice + self.bce_weight * bce
+            parts[f"dice_{i + 1}"] = float(dice.detach())
+            parts[f"bce_{i + 1}"] = float(bce.detach())
+        if self.consistency is not None and n > 1:
+            cons = self.consistency(level_logits, prop_logits if self.consistency.mode == "prop" else None)
+            total = total + self.consistency_weight * cons
+            parts["consistency"] = float(cons.detach())
+        parts["total"] = float(total.detach())
+        self.last = parts
+        return total

@@ -1,0 +1,142 @@
+"""The kvasir_gaze bundle run as a user runs it: python -m monai.bundle run, train -> evaluate -> infer."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from conftest import KVASIR, KVASIR_CSV, ROOT, need
+from PIL import Image
+
+BUNDLE = ROOT / "bundles" / "kvasir_gaze"
+CONFIGS = BUNDLE / "configs"
+TRAIN = str(CONFIGS / "train.json")
+EVALUATE = f"['{CONFIGS / 'train.json'}','{CONFIGS / 'evaluate.json'}']"
+SMALL = ["--image_size", "[32,32]", "--batch_size", "2", "--num_workers", "0", "--cache_workers", "1"]
+
+
+def bundle(*args, ok=True):
+    cmd = [sys.executable, "-m", "monai.bundle", "run", *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if ok:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def mlflow_runs(db: Path, experiment: str = "kvasir_gaze"):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"no MLflow experiment {experiment!r} in {db}"
+    return client.search_runs([exp.experiment_id])
+
+
+def test_metadata_is_valid_against_shipped_schema():
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "verify_metadata",
+            "--meta_file",
+            str(CONFIGS / "metadata.json"),
+            "--filepath",
+            str(ROOT / "bundles" / "schema" / "meta_schema.json"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "metadata is verified with no error" in proc.stdout + proc.stderr
+
+
+def test_train_evaluate_infer_resume_on_generated_data(synthetic_root, tmp_path):
+    data = synthetic_root
+    out = tmp_path / "bundle"
+    common = [
+        "--bundle_root",
+        out,
+        "--dataset_dir",
+        data,
+        "--gaze_csv",
+        data / "gaze.csv",
+        "--val_fraction",
+        "0.34",
+    ]
+    p = bundle("--config_file", TRAIN, *common, *SMALL, "--epochs", 2)
+    assert (out / "models" / "model.pt").is_file() and (out / "models" / "latest.pt").is_file()
+    assert "val_dice_level_2" in p.stdout + p.stderr
+
+    runs = mlflow_runs(out / "outputs" / "mlruns.db")
+    train_run = [r for r in runs if "val_mean_dice" in r.data.metrics][0]
+    metrics = train_run.data.metrics
+    assert {"val_mean_dice", "val_dice_level_1", "val_dice_level_2", "train_loss"} <= set(metrics)
+    assert train_run.data.params["supervision"] == "gaze" and train_run.data.params["num_levels"] == "2"
+
+    # restart with a longer schedule: resumes from latest.pt after epoch 2 and runs epoch 3 only
+    p = bundle("--config_file", TRAIN, *common, *SMALL, "--epochs", 3)
+    log = p.stdout + p.stderr
+    assert "resumed from" in log and "at epoch 2" in log
+    assert "Epoch[3] Metrics" in log and "Epoch[1] Metrics" not in log
+
+    # evaluate the best checkpoint on a chosen split at ground-truth size
+    bundle("--config_file", EVALUATE, *common, *SMALL, "--eval_split", "test")
+    report = json.loads((out / "outputs" / "metrics_test.json").read_text())
+    assert report["images"] == 2
+    assert set(report["mean"]) == {"ensemble", "level_1", "level_2"}
+    assert set(report["per_image"][0]["ensemble"]) == {"dice", "iou"}
+    assert [r["id"] for r in report["per_image"]] == ["synth_004", "synth_005"]
+
+    # inference writes one PNG mask per input image, at the input's size
+    pred_dir = tmp_path / "preds"
+    bundle(
+        "--config_file",
+        CONFIGS / "inference.json",
+        "--bundle_root",
+        out,
+        "--dataset_dir",
+        data / "images",
+        "--output_dir",
+        pred_dir,
+        "--image_size",
+        "[32,32]",
+    )
+    written = sorted(p.name for p in pred_dir.glob("*.png"))
+    assert written == sorted(p.name for p in (data / "images").glob("*.png"))
+    mask = np.asarray(Image.open(pred_dir / "synth_000.png"))
+    assert mask.shape == (96, 128) and set(np.unique(mask)) <= {0, 255}
+
+
+def test_full_supervision_mode_is_one_override(synthetic_root, tmp_path):
+    out = tmp_path / "full"
+    p = bundle(
+        "--config_file", TRAIN, "--bundle_root", out, "--dataset_dir", synthetic_root,
+        "--gaze_csv", synthetic_root / "gaze.csv", "--supervision", "full", "--epochs", 1, *SMALL,
+    )  # fmt: skip
+    log = p.stdout + p.stderr
+    assert "val_dice_level_1" in log and "val_dice_level_2" not in log
+    run = [r for r in mlflow_runs(out / "outputs" / "mlruns.db") if "val_mean_dice" in r.data.metrics][0]
+    assert run.data.params["supervision"] == "full" and run.data.params["num_levels"] == "1"
+
+
+def test_held_out_test_split_fails_with_the_missing_files(tmp_path):
+    need(KVASIR / "images")
+    p = bundle(
+        "--config_file", EVALUATE, "--bundle_root", tmp_path, "--dataset_dir", KVASIR, *SMALL, ok=False
+    )  # fmt: skip
+    assert p.returncode != 0
+    assert "100 file(s) missing under" in p.stderr and "images/cju" in p.stderr
+
+
+def test_bundle_on_a_tiny_slice_of_real_kvasir(tmp_path):
+    need(KVASIR / "images")
+    need(KVASIR_CSV)
+    out = tmp_path / "real"
+    common = ["--bundle_root", out, "--dataset_dir", KVASIR, "--gaze_csv", KVASIR_CSV, "--limit", 6]
+    p = bundle("--config_file", TRAIN, *common, *SMALL, "--epochs", 1)
+    assert "val_mean_dice" in p.stdout + p.stderr
+    bundle("--config_file", EVALUATE, *common, *SMALL, "--eval_split", "val", "--eval_limit", 3)
+    report = json.loads((out / "outputs" / "metrics_val.json").read_text())
+    assert report["images"] == 3 and 0.0 <= report["mean"]["ensemble"]["dice"] <= 1.0

@@ -1,0 +1,144 @@
+import math
+
+import pytest
+import torch
+
+from gazemonai.engine import MultiLevelPrepareBatch, StepInBackward, level_label_key, num_levels
+from gazemonai.losses import CrossLevelConsistencyLoss, MultiLevelGazeLoss
+from gazemonai.networks import FeatureUNet, MultiLevelNet, feature_propagation, feature_propagation_unfold
+
+SLIM = (4, 4, 8, 8, 16, 4)
+
+
+def test_propagation_matches_unfold_reference_and_its_gradient():
+    torch.manual_seed(0)
+    f = torch.randn(2, 5, 11, 9, dtype=torch.float64, requires_grad=True)
+    assert torch.allclose(feature_propagation(f), feature_propagation_unfold(f), atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x: feature_propagation(x, 5, 2), (f,))
+    g = torch.randn(2, 5, 11, 9, dtype=torch.float64)
+    (a,) = torch.autograd.grad((feature_propagation(f) * g).sum(), f)
+    (b,) = torch.autograd.grad((feature_propagation_unfold(f) * g).sum(), f)
+    assert torch.allclose(a, b, atol=1e-10)
+
+
+def test_propagation_by_hand():
+    # 1 channel, 1x2 image, 3x3 neighbourhood at dilation 1: pixel 0 (value 1) sees itself (1*1=1),
+    # its neighbour (1*2=2) and 7 zero-padded neighbours (0): weights e^1, e^2, 7*e^0 over the sum
+    f = torch.tensor([[[[1.0, 2.0]]]])
+    out = feature_propagation(f, kernel_size=3, dilation=1)
+    z0 = math.e + math.e**2 + 7
+    assert out[0, 0, 0, 0].item() == pytest.approx((math.e * 1 + math.e**2 * 2) / z0, rel=1e-6)
+    z1 = math.e**2 + math.e**4 + 7  # pixel 1: <2,1>=2, <2,2>=4
+    assert out[0, 0, 0, 1].item() == pytest.approx((math.e**2 * 1 + math.e**4 * 2) / z1, rel=1e-6)
+    with pytest.raises(ValueError, match="odd"):
+        feature_propagation(f, kernel_size=4)
+
+
+def test_feature_unet_and_multilevel_outputs():
+    net = MultiLevelNet(num_levels=3, features=SLIM, in_channels=1)
+    x = torch.randn(2, 1, 32, 32)
+    ens = net(x)
+    stack = net(x, output="stack")
+    train = net(x, output="train")
+    assert ens.shape == (2, 1, 32, 32) and stack.shape == (2, 4, 32, 32)
+    assert torch.allclose(stack[:, :1], ens, atol=1e-6)
+    assert torch.allclose(torch.stack(train["level_logits"]).mean(0), ens, atol=1e-6)
+    assert torch.allclose(stack[:, 1:].mean(1, keepdim=True), ens, atol=1e-6)
+    assert len(train["prop_logits"]) == 3 and train["prop_logits"][0].shape == (2, 1, 32, 32)
+    logits, feat = net.levels[0](x, return_features=True)
+    assert feat.shape == (2, 4, 32, 32)
+    with pytest.raises(ValueError, match="output must be"):
+        net(x, output="nope")
+
+
+def test_levels_are_independent_or_copies():
+    torch.manual_seed(0)
+    ind = MultiLevelNet(num_levels=2, features=SLIM)
+    w = [lvl.classifier.weight for lvl in ind.levels]
+    assert not torch.equal(w[0], w[1])
+    cp = MultiLevelNet(num_levels=2, features=SLIM, init="copy")
+    assert torch.equal(cp.levels[0].classifier.weight, cp.levels[1].classifier.weight)
+    assert cp.levels[0].classifier.weight.data_ptr() != cp.levels[1].classifier.weight.data_ptr()
+    assert isinstance(cp.levels[0], FeatureUNet)
+
+
+def _const(v, shape=(1, 1, 2, 2)):
+    return torch.full(shape, float(v), requires_grad=True)
+
+
+def test_consistency_pure_by_hand():
+    a, b = _const(0.0), _const(math.log(3))  # p = 0.5 and 0.75
+    loss = CrossLevelConsistencyLoss("pure", reduction="none")([a, b])
+    # level 1: -(0.5*0.25 + 0.5*0.75) = -0.5 ; level 2: -(0.25*0.5 + 0.75*0.5) = -0.5
+    assert torch.allclose(loss, torch.tensor([-0.5, -0.5]))
+    a2, b2 = _const(math.log(3)), _const(math.log(3))
+    assert CrossLevelConsistencyLoss("pure")([a2, b2]).item() == pytest.approx(-2 * (0.25**2 + 0.75**2))
+
+
+def test_consistency_gradient_does_not_reach_the_peer():
+    a, b = _const(0.3), _const(-0.2)
+    pa, pb = _const(1.0), _const(2.0)
+    CrossLevelConsistencyLoss("prop", reduction="sum")([a, b], [pa, pb]).backward()
+    # with "prop" only the propagated logits receive gradient: the peers are stop-gradient targets
+    assert a.grad is None and b.grad is None
+    assert pa.grad is not None and pb.grad is not None
+    # d/dz of -[(1-s)(1-t) + s t] = -s(1-s)(2t-1), with s = sigmoid(1.0), t = sigmoid(-0.2), 4 pixels mean
+    s, t = torch.sigmoid(torch.tensor(1.0)), torch.sigmoid(torch.tensor(-0.2))
+    expected = -(s * (1 - s) * (2 * t - 1)) / 4
+    assert torch.allclose(pa.grad, torch.full_like(pa, expected.item()), atol=1e-6)
+
+
+def test_multilevel_loss_by_hand():
+    z = torch.zeros(1, 1, 2, 2)
+    y = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]], [[1.0, 1.0], [0.0, 0.0]]]])  # (1, 2, 2, 2)
+    loss_fn = MultiLevelGazeLoss(consistency="pure", consistency_weight=3.0, smooth_nr=0.0, smooth_dr=1e-9)
+    total = loss_fn({"level_logits": [z, z], "prop_logits": []}, y)
+    bce = math.log(2)  # sigmoid(0) = 0.5 everywhere
+    dice1 = 1 - 2 * 0.5 / (2.0 + 1.0)  # sum p = 2, sum y = 1, intersection 0.5
+    dice2 = 1 - 2 * 1.0 / (2.0 + 2.0)
+    cons = 2 * -(0.5 * 0.5 + 0.5 * 0.5)
+    expected = 0.5 * (dice1 + bce) + 0.5 * (dice2 + bce) + 3.0 * cons
+    assert total.item() == pytest.approx(expected, rel=1e-5)
+    assert loss_fn.last["consistency"] == pytest.approx(cons)
+    with pytest.raises(ValueError, match="2 levels but the target has 3"):
+        loss_fn({"level_logits": [z, z]}, torch.zeros(1, 3, 2, 2))
+
+
+def test_full_mode_is_one_level_without_consistency():
+    assert num_levels("full", (0.5, 0.3)) == 1 and num_levels("gaze", (0.5, 0.3)) == 2
+    assert level_label_key("full") == "label" and level_label_key("gaze") == "pseudo_label"
+    with pytest.raises(ValueError, match="supervision"):
+        num_levels("boxes", (0.5,))
+    net = MultiLevelNet(num_levels=1, features=SLIM)
+    out = net(torch.randn(1, 3, 16, 16), output="train")
+    loss_fn = MultiLevelGazeLoss()
+    loss_fn(out, torch.ones(1, 1, 16, 16)).backward()
+    assert "consistency" not in loss_fn.last
+
+
+def test_prepare_batch():
+    batch = {"image": torch.zeros(2, 3, 8, 8), "pseudo_label": torch.ones(2, 2, 8, 8)}
+    img, tgt, args, kwargs = MultiLevelPrepareBatch()(batch)
+    assert tgt.shape == (2, 2, 8, 8) and args == () and kwargs == {"output": "train"}
+    with pytest.raises(KeyError, match="no 'label'"):
+        MultiLevelPrepareBatch(label_key="label")(batch)
+
+
+def test_step_in_backward_equals_plain_step():
+    def run(fused):
+        torch.manual_seed(0)
+        net = MultiLevelNet(num_levels=2, features=SLIM)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)
+        if fused:
+            StepInBackward.attach(opt)
+        x, y = torch.randn(2, 3, 16, 16), (torch.rand(2, 2, 16, 16) > 0.5).float()
+        for _ in range(3):
+            opt.zero_grad()
+            MultiLevelGazeLoss()(net(x, output="train"), y).backward()
+            opt.step()
+        return [p.detach().clone() for p in net.parameters()], net
+
+    plain, _ = run(False)
+    fused, net = run(True)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, fused))
+    assert all(p.grad is None for p in net.parameters())
