@@ -140,3 +140,14 @@ def test_bundle_on_a_tiny_slice_of_real_kvasir(tmp_path):
     bundle("--config_file", EVALUATE, *common, *SMALL, "--eval_split", "val", "--eval_limit", 3)
     report = json.loads((out / "outputs" / "metrics_val.json").read_text())
     assert report["images"] == 3 and 0.0 <= report["mean"]["ensemble"]["dice"] <= 1.0
+    images = tmp_path / "in"
+    images.mkdir()
+    name = report["per_image"][0]["id"] + ".jpg"
+    (images / name).symlink_to(KVASIR / "images" / name)
+    bundle(
+        "--config_file", CONFIGS / "inference.json", "--bundle_root", out, "--dataset_dir", images,
+        "--output_dir", tmp_path / "pred", "--image_size", "[32,32]",
+    )  # fmt: skip
+    with Image.open(KVASIR / "images" / name) as im:
+        w, h = im.size
+    assert np.asarray(Image.open(tmp_path / "pred" / name.replace(".jpg", ".png"))).shape == (h, w)
