@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .gaze.dataset import read_ids
 from .gaze.fixations import read_fixation_csv, validate_image_name
 from .io import resolve_in_folder
 
@@ -31,7 +32,7 @@ def read_split(dataset_dir: str | os.PathLike, split: str) -> list[str]:
     path = Path(dataset_dir) / split
     if not path.is_file():
         raise FileNotFoundError(f"split file not found: {path}")
-    ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    ids = read_ids(path)
     for i in ids:
         validate_image_name(i, str(path))
     if not ids:
