@@ -4,6 +4,7 @@ Commands::
 
     gazemonai pseudo-masks  --data-root DIR --gaze-csv CSV --out DIR [options]
     gazemonai simulate-gaze --masks DIR --out CSV [--seed 0]
+    gazemonai register      --bundle-dir DIR --name NAME [--checkpoint PT] [--tracking-uri URI]
 
 ``gazemonai COMMAND --help`` lists every option.
 """
@@ -17,7 +18,7 @@ import sys
 
 from .gaze.fixations import FixationFormatError
 
-__all__ = ["main", "pseudo_masks", "simulate_gaze"]
+__all__ = ["main", "pseudo_masks", "register", "simulate_gaze"]
 
 logger = logging.getLogger("gazemonai")
 
@@ -150,7 +151,51 @@ def simulate_gaze(
     print(json.dumps(summary))
 
 
-COMMANDS = {"pseudo-masks": pseudo_masks, "simulate-gaze": simulate_gaze}
+def register(
+    bundle_dir: str,
+    name: str,
+    checkpoint: str | None = None,
+    tracking_uri: str | None = None,
+    override: dict | None = None,
+    run_id: str | None = None,
+    experiment_name: str = "gazemonai_registry",
+):
+    """Register a trained bundle in the MLflow model registry as an ``mlflow.pyfunc`` model.
+
+    The model runs the bundle's inference.json in memory: ``mlflow.pyfunc.load_model(
+    "models:/NAME/VERSION").predict(images)`` with (N, H, W, C) images gives (N, H, W) 0/1 masks.
+
+    Args:
+        bundle_dir: bundle folder with configs/inference.json, e.g. bundles/kvasir_gaze.
+        name: registered model name (a new version is added if it exists).
+        checkpoint: trained weights (default BUNDLE_DIR/models/model.pt), e.g. runs/gaze1/models/model.pt.
+        tracking_uri: MLflow server or sqlite:/// URI (default $MLFLOW_TRACKING_URI, else the
+            training's outputs/mlruns.db next to the checkpoint's models/ folder).
+        override: inference.json values the checkpoint was trained with, e.g. "{'image_size': [96, 96]}".
+        run_id: log into this existing run (e.g. the training run) instead of a new one.
+        experiment_name: experiment of the new run.
+    """
+    from .registry import register_bundle
+
+    if override is not None and not isinstance(override, dict):
+        raise ValueError(
+            f"--override must be a dict such as \"{{'image_size': [96, 96]}}\", got {override!r}"
+        )
+    info = register_bundle(
+        bundle_dir,
+        name,
+        checkpoint=checkpoint,
+        overrides=override,
+        tracking_uri=tracking_uri,
+        experiment_name=experiment_name,
+        run_id=run_id,
+    )
+    version = info.registered_model_version
+    print(f"registered {name} version {version}: models:/{name}/{version}")
+    print(json.dumps({"name": name, "version": info.registered_model_version, "model_uri": info.model_uri}))
+
+
+COMMANDS = {"pseudo-masks": pseudo_masks, "simulate-gaze": simulate_gaze, "register": register}
 
 
 def main(argv=None) -> None:
