@@ -7,7 +7,19 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 DEMO_DIR ?= demo_output
 
-.PHONY: venv demo test lint clean
+# MONAI Label cannot share .venv (monailabel 0.8.5 pins numpy<2 through pydicom-seg and pulls sam2 and a
+# CUDA torch): it gets its own environment with only what its server needs, and talks to us over HTTP.
+# torchvision (a hard import of monailabel) exists on this disk only beside torch 2.14.1.
+MLVENV ?= .venv-monailabel
+MLBIN  := $(MLVENV)/bin
+ML_TORCH ?= torch==2.14.1 torchvision==0.29.1
+ML_DEPS := monai==1.6.1 pytorch-ignite numpy scipy pillow nibabel itk fire tqdm uvicorn pydantic \
+	pydantic-settings python-dotenv fastapi python-multipart httpx schedule timeloop expiringdict expiring_dict \
+	cachetools watchdog pynrrd einops pyyaml filelock passlib pyjwt bcrypt requests requests-toolbelt shapely \
+	scikit-image scikit-learn SimpleITK psutil girder-client jsonschema "pydicom<3" "pynetdicom<2.1" \
+	"dicomweb-client[gcp]<0.60"
+
+.PHONY: venv demo test lint clean monailabel-env
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,7 +32,7 @@ venv: $(BIN)/.installed
 demo: venv
 	$(BIN)/python -m gazemonai.demo --out $(DEMO_DIR)
 
-test: venv
+test: venv monailabel-env
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
@@ -28,5 +40,15 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+$(MLBIN)/.installed: pyproject.toml Makefile
+	test -x $(MLBIN)/python || $(PYTHON) -m venv $(MLVENV)
+	$(MLBIN)/python -m pip install --upgrade --quiet pip
+	$(MLBIN)/python -m pip install --quiet $(ML_TORCH) $(ML_DEPS)
+	$(MLBIN)/python -m pip install --quiet --no-deps monailabel==0.8.5 pydicom-seg==0.4.1 -e .
+	$(MLBIN)/python -c "import monailabel.main, monailabel.app, monailabel.tasks.infer.bundle, gazemonai.serving"
+	touch $@
+
+monailabel-env: $(MLBIN)/.installed
+
 clean:
-	rm -rf $(VENV) $(DEMO_DIR)
+	rm -rf $(VENV) $(MLVENV) $(DEMO_DIR)

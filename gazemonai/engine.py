@@ -4,14 +4,18 @@
   network output mode (``output="train"`` for the loss, ``"stack"`` for per-level evaluation).
 * :func:`num_levels` / :func:`level_label_key`: one ``supervision`` switch (``gaze`` or ``full``).
 * :class:`StepInBackward`: optimizer step fused into the backward pass (saves the gradient memory).
+* :class:`LevelwiseTrainStep`: a trainer iteration that trains the level networks one after
+  another (the same gradients as the joint step, one level's activations in memory at a time).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 from monai.engines import PrepareBatch
+from monai.engines.utils import IterationEvents
 from monai.inferers import SimpleInferer
 from monai.utils import CommonKeys
 
@@ -19,6 +23,8 @@ __all__ = [
     "MultiLevelPrepareBatch",
     "AutocastInferer",
     "StepInBackward",
+    "LevelwiseTrainStep",
+    "train_iteration",
     "num_levels",
     "level_label_key",
     "SUPERVISION_MODES",
@@ -143,3 +149,75 @@ class StepInBackward:
         """Install the hooks on ``optimizer``'s parameters and return ``optimizer`` (for configs)."""
         optimizer._gazemonai_step_in_backward = cls(optimizer)
         return optimizer
+
+
+class LevelwiseTrainStep:
+    """A ``SupervisedTrainer`` iteration that trains the N level networks one after another.
+
+    The consistency loss compares each level with its peers' *stop-gradient* predictions, so the
+    total loss splits into per-level shares (:meth:`~gazemonai.losses.MultiLevelGazeLoss.level_loss`)
+    whose gradients never cross levels. This step first runs levels 1..N-1 without gradients (their
+    predictions, as peers), then for level N down to 1: forward with gradients, its share, backward.
+    The gradients are those of the joint step, but only one level's activations are alive at a
+    time (1/N of them), for N-1 extra forward passes without autograd. With
+    :class:`StepInBackward`, each level's parameters are updated during its own backward pass,
+    after every prediction that uses them was made.
+
+    Use as ``SupervisedTrainer(iteration_update=LevelwiseTrainStep(), ...)`` with a
+    :class:`~gazemonai.networks.MultiLevelNet` and a :class:`~gazemonai.losses.MultiLevelGazeLoss`;
+    the engine's ``prepare_batch``, ``inferer`` (e.g. :class:`AutocastInferer`) and optimizer are used
+    as the default iteration would. The output holds ``pred`` (``{"logits": mean, "level_logits":
+    [...]}``, detached) and ``loss`` (the total) like the default iteration's.
+    """
+
+    def __call__(self, engine, batchdata: dict) -> dict:
+        if batchdata is None:
+            raise ValueError("must provide batch data for current iteration.")
+        inputs, targets, _, _ = engine.prepare_batch(
+            batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs
+        )
+        engine.state.output = {CommonKeys.IMAGE: inputs, CommonKeys.LABEL: targets}
+        network, loss_fn = engine.network, engine.loss_function
+        network.train()
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        n = network.num_levels
+        with torch.no_grad():
+            peers = [
+                engine.inferer(inputs, partial(network.forward_level, level=j, propagate=False))[0]
+                for j in range(n - 1)
+            ]
+        peers.append(None)
+        total = inputs.new_zeros((), dtype=torch.float32)
+        for i in reversed(range(n)):
+            logits, prop = engine.inferer(inputs, partial(network.forward_level, level=i))
+            loss = loss_fn.level_loss(i, logits, prop, [peers[j] for j in range(n) if j != i], targets)
+            loss.backward()
+            peers[i] = logits.detach()
+            total = total + loss.detach()
+            del logits, prop, loss
+        # as the network's output="train" dict (the propagated logits are not kept)
+        engine.state.output[CommonKeys.PRED] = {"logits": torch.stack(peers).mean(0), "level_logits": peers}
+        engine.state.output[CommonKeys.LOSS] = total
+        for event in (
+            IterationEvents.FORWARD_COMPLETED,
+            IterationEvents.LOSS_COMPLETED,
+            IterationEvents.BACKWARD_COMPLETED,
+        ):
+            engine.fire_event(event)
+        engine.optimizer.step()
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
+
+
+def train_iteration(step: str = "levelwise"):
+    """The trainer's ``iteration_update`` for a training-step mode (what bundle configs call).
+
+    Args:
+        step: ``"levelwise"`` (:class:`LevelwiseTrainStep`) or ``"joint"`` (MONAI's default
+            iteration: all levels forward, one loss, one backward).
+    """
+    if step == "joint":
+        return None
+    if step == "levelwise":
+        return LevelwiseTrainStep()
+    raise ValueError(f"step must be 'levelwise' or 'joint', got {step!r}")

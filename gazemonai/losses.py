@@ -51,20 +51,31 @@ class CrossLevelConsistencyLoss(nn.Module):
         if self.mode == "prop":
             if prop_logits is None or len(prop_logits) != n:
                 raise ValueError("mode 'prop' needs one propagated logit map per level")
-            queries = [_two_class(z) for z in prop_logits]
+            queries = list(prop_logits)
         else:
-            queries = [_two_class(z) for z in level_logits]
-        targets = [_two_class(z).detach() for z in level_logits]
-        terms = []
-        for i, q in enumerate(queries):
-            agree = sum((q * targets[j]).sum(dim=1).mean() for j in range(n) if j != i)
-            terms.append(-agree / (n - 1))
+            queries = list(level_logits)
+        terms = [
+            self.level_term(q, [z for j, z in enumerate(level_logits) if j != i])
+            for i, q in enumerate(queries)
+        ]
         loss = torch.stack(terms)
         if self.reduction == "sum":
             return loss.sum()
         if self.reduction == "mean":
             return loss.mean()
         return loss
+
+    @staticmethod
+    def level_term(query_logits: torch.Tensor, peer_logits: Sequence[torch.Tensor]) -> torch.Tensor:
+        """One level's term: ``-mean_j mean_pixels <p(query), stopgrad(p(peer_j))>``.
+
+        Args:
+            query_logits: the level's logits (``"pure"``) or propagated logits (``"prop"``).
+            peer_logits: the other levels' logits; detached here.
+        """
+        q = _two_class(query_logits)
+        agree = sum((q * _two_class(z.detach())).sum(dim=1).mean() for z in peer_logits)
+        return -agree / len(peer_logits)
 
 
 class MultiLevelGazeLoss(nn.Module):
@@ -104,6 +115,47 @@ class MultiLevelGazeLoss(nn.Module):
         self.dice = DiceLoss(sigmoid=True, smooth_nr=smooth_nr, smooth_dr=smooth_dr)
         self.bce = nn.BCEWithLogitsLoss()
         self.last: dict[str, float] = {}
+        self.last_level: dict[str, float] = {}
+
+    def level_loss(
+        self,
+        index: int,
+        logits: torch.Tensor,
+        prop_logits: torch.Tensor | None,
+        peer_logits: Sequence[torch.Tensor],
+        y: torch.Tensor,
+    ) -> torch.Tensor:
+        """Level ``index``'s share of :meth:`forward`'s total, for training the levels one at a time.
+
+        ``w_dice * Dice + w_bce * BCE`` against the level's target plus ``weight *`` its consistency
+        term against ``peer_logits`` (the other levels' logits, stop-gradient). Summed over the
+        levels these shares are the total, and each share's gradient reaches only its own level, so
+        backpropagating them one after another gives the joint step's gradients.
+
+        Args:
+            index: the level (0-based).
+            logits: its logits (B, 1, ...).
+            prop_logits: its propagated logits (``"prop"`` consistency), else ``None``.
+            peer_logits: the other N - 1 levels' logits.
+            y: (B, N, ...) targets (or one channel shared by all levels).
+        """
+        n = len(peer_logits) + 1
+        y = y.float()
+        if y.shape[1] not in (1, n):
+            raise ValueError(f"{n} levels but the target has {y.shape[1]} channels")
+        t = y[:, index : index + 1] if y.shape[1] == n else y
+        dice, bce = self.dice(logits, t), self.bce(logits, t)
+        total = self.dice_weight * dice + self.bce_weight * bce
+        parts = {f"dice_{index + 1}": float(dice.detach()), f"bce_{index + 1}": float(bce.detach())}
+        if self.consistency is not None and n > 1:
+            query = prop_logits if self.consistency.mode == "prop" else logits
+            if query is None:
+                raise ValueError("mode 'prop' needs the level's propagated logits")
+            cons = self.consistency.level_term(query, peer_logits)
+            total = total + self.consistency_weight * cons
+            parts[f"consistency_{index + 1}"] = float(cons.detach())
+        self.last_level = parts
+        return total
 
     def forward(self, y_pred, y: torch.Tensor) -> torch.Tensor:
         if isinstance(y_pred, dict):

@@ -231,6 +231,15 @@ class MultiLevelNet(nn.Module):
         self.dilation = dilation
         self.output = output
 
+    def forward_level(self, x: torch.Tensor, level: int, propagate: bool | None = None):
+        """Level ``level``'s ``(logits, propagated logits or None)`` (one network of the N)."""
+        propagate = self.propagate if propagate is None else propagate
+        net = self.levels[level]
+        if not propagate:
+            return net(x), None
+        logits, feat = net(x, return_features=True)
+        return logits, net.classifier(self.propagation(feat, self.kernel_size, self.dilation))
+
     def forward(self, x: torch.Tensor, output: str | None = None):
         output = output or self.output
         if output not in self.OUTPUTS:
@@ -240,11 +249,11 @@ class MultiLevelNet(nn.Module):
             mean = torch.stack(level_logits).mean(0)
             return mean if output == "ensemble" else torch.cat([mean, *level_logits], dim=1)
         level_logits, prop_logits = [], []
-        for level in self.levels:
-            logits, feat = level(x, return_features=True)
+        for i in range(self.num_levels):
+            logits, prop = self.forward_level(x, i)
             level_logits.append(logits)
-            if self.propagate:
-                prop_logits.append(level.classifier(self.propagation(feat, self.kernel_size, self.dilation)))
+            if prop is not None:
+                prop_logits.append(prop)
         return {
             "logits": torch.stack(level_logits).mean(0),
             "level_logits": level_logits,

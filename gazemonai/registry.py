@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -33,35 +32,11 @@ try:  # mlflow is a core dependency; keep the import error readable if it is mis
 except ImportError as e:  # pragma: no cover
     raise ImportError("gazemonai.registry needs mlflow (pip install mlflow)") from e
 
+from .serving import locate_bundle, stage_bundle
+
 __all__ = ["BundlePyfuncModel", "log_bundle_model", "register_bundle"]
 
 logger = logging.getLogger(__name__)
-
-
-def _locate(bundle_dir, checkpoint) -> tuple[Path, Path]:
-    bundle = Path(bundle_dir)
-    ckpt = Path(checkpoint) if checkpoint is not None else bundle / "models" / "model.pt"
-    missing = [str(f) for f in (bundle / "configs" / "inference.json", ckpt) if not f.is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"cannot register: missing {', '.join(missing)} (the bundle folder needs configs/inference.json; "
-            "the checkpoint is a training's models/model.pt)"
-        )
-    return bundle, ckpt
-
-
-def _stage(bundle: Path, ckpt: Path, overrides: dict | None, dest: Path) -> Path:
-    """Copy configs and checkpoint to ``dest`` with ``overrides`` written into inference.json."""
-    staged = dest / "bundle"
-    shutil.copytree(bundle / "configs", staged / "configs")
-    (staged / "models").mkdir(parents=True)
-    shutil.copy2(ckpt, staged / "models" / "model.pt")
-    if overrides:
-        path = staged / "configs" / "inference.json"
-        config = json.loads(path.read_text())
-        config.update(overrides)
-        path.write_text(json.dumps(config, indent=4) + "\n")
-    return staged
 
 
 class BundlePyfuncModel(PythonModel):
@@ -164,7 +139,7 @@ def _signature(in_channels: int):
 
 def _load_staged(bundle: Path, ckpt: Path, overrides: dict | None, dest: Path):
     """Stage the bundle and load it as the served model would; a checkpoint that does not fit fails."""
-    staged = _stage(bundle, ckpt, overrides, dest)
+    staged = stage_bundle(bundle, dest / "bundle", ckpt, overrides)
     model = BundlePyfuncModel()
 
     class _Context:
@@ -198,7 +173,7 @@ def log_bundle_model(
     Returns:
         mlflow's ``ModelInfo`` (``model_uri``, ``registered_model_version``, ...).
     """
-    bundle, ckpt = _locate(bundle_dir, checkpoint)
+    bundle, ckpt = locate_bundle(bundle_dir, checkpoint)
     with tempfile.TemporaryDirectory() as tmp:
         staged, model = _load_staged(bundle, ckpt, overrides, Path(tmp))
         signature = _signature(model.in_channels)
@@ -241,7 +216,7 @@ def register_bundle(
     """
     from monai.utils import path_to_sqlite_uri
 
-    bundle, ckpt = _locate(bundle_dir, checkpoint)
+    bundle, ckpt = locate_bundle(bundle_dir, checkpoint)
     with tempfile.TemporaryDirectory() as tmp:
         _load_staged(bundle, ckpt, overrides, Path(tmp))  # fail before a run is created
     if tracking_uri is None:

@@ -28,3 +28,19 @@ def synthetic_root(tmp_path_factory):
     root = make_synthetic_dataset(tmp_path_factory.mktemp("synth") / "data", n_images=6, size=(96, 128))
     simulate_gaze_folder(root / "masks", root / "gaze.csv", GazeSimulator(seed=1))
     return root
+
+
+@pytest.fixture(scope="session")
+def kvasir_checkpoint(tmp_path_factory):
+    """kvasir_gaze weights (seeded, untrained) in the layout a training writes: models/model.pt."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "bundles" / "kvasir_gaze" / "configs" / "inference.json"))
+    torch.manual_seed(3)
+    net = parser.get_parsed_content("network_def")
+    path = tmp_path_factory.mktemp("run") / "models" / "model.pt"
+    path.parent.mkdir()
+    torch.save(net.state_dict(), path)
+    return path

@@ -123,3 +123,55 @@ def test_latest_checkpoint_round_trip(tmp_path):
     engine2.run([0, 0], max_epochs=3)
     assert epochs == [3]  # resumed after epoch 2
     assert all(torch.equal(saved[k], v) for k, v in net2.state_dict().items())
+
+
+@pytest.mark.parametrize("levels,step_in_backward", [(2, False), (3, True)])
+def test_levelwise_step_matches_the_joint_step(levels, step_in_backward):
+    """Training the levels one after another gives the joint step's update and loss."""
+    from monai.engines import SupervisedTrainer
+
+    from gazemonai.engine import MultiLevelPrepareBatch, StepInBackward, train_iteration
+    from gazemonai.losses import MultiLevelGazeLoss
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 16, 16)
+    y = (torch.rand(2, levels, 16, 16) > 0.5).float()
+    init = MultiLevelNet(levels, features=(4, 4, 8, 8, 8, 4)).state_dict()
+    results = {}
+    for step in ("joint", "levelwise"):
+        net = MultiLevelNet(levels, features=(4, 4, 8, 8, 8, 4))
+        net.load_state_dict(init)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        if step_in_backward:
+            StepInBackward.attach(opt)
+        trainer = SupervisedTrainer(
+            device=torch.device("cpu"),
+            max_epochs=2,
+            train_data_loader=[{"image": x, "pseudo_label": y}],
+            network=net,
+            optimizer=opt,
+            loss_function=MultiLevelGazeLoss(consistency="prop", consistency_weight=3.0),
+            prepare_batch=MultiLevelPrepareBatch(output="train"),
+            iteration_update=train_iteration(step),
+            decollate=False,
+        )
+        losses = []
+        trainer.add_event_handler(
+            Events.ITERATION_COMPLETED, lambda e, out=losses: out.append(e.state.output["loss"].item())
+        )
+        trainer.run()
+        results[step] = (net.state_dict(), losses, trainer.state.output["pred"])
+    (joint, joint_losses, joint_pred), (lw, lw_losses, lw_pred) = results["joint"], results["levelwise"]
+    assert lw_losses == pytest.approx(joint_losses, rel=1e-5, abs=1e-6)
+    assert joint_losses[0] != joint_losses[1]  # the first update changed the model
+    for k in joint:
+        assert torch.allclose(joint[k], lw[k], atol=1e-5), k
+    assert lw_pred["logits"].shape == joint_pred["logits"].shape == (2, 1, 16, 16)
+    assert torch.allclose(lw_pred["logits"], joint_pred["logits"], atol=1e-4)
+
+
+def test_train_iteration_rejects_unknown_steps():
+    from gazemonai.engine import train_iteration
+
+    with pytest.raises(ValueError, match="levelwise"):
+        train_iteration("sideways")

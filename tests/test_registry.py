@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from conftest import ROOT
 from PIL import Image
 
@@ -57,32 +56,20 @@ def mlflow_server(tmp_path_factory):
         proc.wait(30)
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """Weights in the layout a training writes (models/model.pt: the network's state_dict)."""
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(str(BUNDLE / "configs" / "inference.json"))
-    torch.manual_seed(3)
-    net = parser.get_parsed_content("network_def")
-    path = tmp_path_factory.mktemp("run") / "models" / "model.pt"
-    path.parent.mkdir()
-    torch.save(net.state_dict(), path)
-    return path
-
-
 def cli(*args):
     return subprocess.run(
         [sys.executable, "-m", "gazemonai", *map(str, args)], capture_output=True, text=True, cwd=ROOT
     )
 
 
-def test_register_load_predict_matches_bundle_inference(mlflow_server, checkpoint, synthetic_root, tmp_path):
+def test_register_load_predict_matches_bundle_inference(
+    mlflow_server, kvasir_checkpoint, synthetic_root, tmp_path
+):
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    args = ["register", "--bundle-dir", BUNDLE, "--checkpoint", checkpoint, "--name", "kvasir_gaze_test",
+    args = ["register", "--bundle-dir", BUNDLE, "--checkpoint", kvasir_checkpoint,
+            "--name", "kvasir_gaze_test",
             "--tracking-uri", mlflow_server, "--override", "{'image_size': [32, 32]}"]  # fmt: skip
     first, second = cli(*args), cli(*args)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -92,8 +79,8 @@ def test_register_load_predict_matches_bundle_inference(mlflow_server, checkpoin
     versions = client.search_model_versions("name='kvasir_gaze_test'")
     assert sorted(v.version for v in versions) == ["1", "2"]
 
-    # the bundle's own inference on the same checkpoint writes the reference masks
-    bundle_root = checkpoint.parent.parent
+    # the bundle's own inference on the same kvasir_checkpoint writes the reference masks
+    bundle_root = kvasir_checkpoint.parent.parent
     subprocess.run(
         [sys.executable, "-m", "monai.bundle", "run", "--config_file", BUNDLE / "configs" / "inference.json",
          "--bundle_root", bundle_root, "--dataset_dir", synthetic_root / "images",
@@ -117,9 +104,9 @@ def test_register_load_predict_matches_bundle_inference(mlflow_server, checkpoin
         model.predict(images[..., :2])
 
 
-def test_mlflow_models_serve_answers_over_http(mlflow_server, checkpoint, tmp_path):
+def test_mlflow_models_serve_answers_over_http(mlflow_server, kvasir_checkpoint, tmp_path):
     """``mlflow models serve`` of a registered version answers /invocations with masks."""
-    cli("register", "--bundle-dir", BUNDLE, "--checkpoint", checkpoint, "--name", "kvasir_gaze_serve",
+    cli("register", "--bundle-dir", BUNDLE, "--checkpoint", kvasir_checkpoint, "--name", "kvasir_gaze_serve",
         "--tracking-uri", mlflow_server, "--override", "{'image_size': [32, 32]}")  # fmt: skip
     port = free_port()
     # as in an activated environment: mlflow starts the venv's uvicorn by name
@@ -148,11 +135,11 @@ def test_mlflow_models_serve_answers_over_http(mlflow_server, checkpoint, tmp_pa
         proc.wait(30)
 
 
-def test_register_names_what_is_missing_or_mismatched(checkpoint, tmp_path):
+def test_register_names_what_is_missing_or_mismatched(kvasir_checkpoint, tmp_path):
     p = cli("register", "--bundle-dir", BUNDLE, "--checkpoint", tmp_path / "nope.pt", "--name", "x",
             "--tracking-uri", f"sqlite:///{tmp_path / 'db'}")  # fmt: skip
     assert p.returncode == 2 and "nope.pt" in p.stderr
-    p = cli("register", "--bundle-dir", BUNDLE, "--checkpoint", checkpoint, "--name", "x",
+    p = cli("register", "--bundle-dir", BUNDLE, "--checkpoint", kvasir_checkpoint, "--name", "x",
             "--tracking-uri", f"sqlite:///{tmp_path / 'db'}",
             "--override", "{'features': [8, 8, 8, 8, 8, 8]}")  # fmt: skip
     assert p.returncode == 2 and "does not fit" in p.stderr and "features" in p.stderr
