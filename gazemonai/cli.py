@@ -5,6 +5,8 @@ Commands::
     gazemonai pseudo-masks  --data-root DIR --gaze-csv CSV --out DIR [options]
     gazemonai simulate-gaze --masks DIR --out CSV [--seed 0]
     gazemonai register      --bundle-dir DIR --name NAME [--checkpoint PT] [--tracking-uri URI]
+    gazemonai prepare-slices --out DIR (--nifti-images DIR --nifti-masks DIR
+                                        | --dicom-root DIR --labels-root DIR)
 
 ``gazemonai COMMAND --help`` lists every option.
 """
@@ -18,7 +20,7 @@ import sys
 
 from .gaze.fixations import FixationFormatError
 
-__all__ = ["main", "pseudo_masks", "register", "simulate_gaze"]
+__all__ = ["main", "prepare_slices", "pseudo_masks", "register", "simulate_gaze"]
 
 logger = logging.getLogger("gazemonai")
 
@@ -195,7 +197,64 @@ def register(
     print(json.dumps({"name": name, "version": info.registered_model_version, "model_uri": info.model_uri}))
 
 
-COMMANDS = {"pseudo-masks": pseudo_masks, "simulate-gaze": simulate_gaze, "register": register}
+def prepare_slices(
+    out: str,
+    nifti_images: str | None = None,
+    nifti_masks: str | None = None,
+    dicom_root: str | None = None,
+    labels_root: str | None = None,
+    test_fraction: float = 0.25,
+    seed: int = 0,
+    test_patients=None,
+):
+    """Turn MR volumes into 2-D axial slices named <PatientID>_<slice> with gland masks and splits.
+
+    Either NIfTI pairs (--nifti-images, --nifti-masks; Prostate158/MSD style, zonal labels) or the
+    NCI-ISBI 2013 layout (--dicom-root with one DICOM series per <PatientID>/ folder, --labels-root
+    with <PatientID>*.nrrd). Keeps slices containing gland (label > 0), writes OUT/images,
+    OUT/masks, patient-disjoint OUT/train.txt and OUT/test.txt, and OUT/manifest.json.
+
+    Args:
+        out: output folder (a dataset folder for the prostate_gaze bundle).
+        nifti_images: folder of image volumes (.nii, .nii.gz).
+        nifti_masks: folder of label volumes matching them.
+        dicom_root: folder with one sub-folder of DICOM files per patient.
+        labels_root: folder of NRRD label volumes named by patient.
+        test_fraction: share of patients held out in test.txt (seeded).
+        seed: split seed.
+        test_patients: comma-separated patient ids for test.txt instead of a seeded split.
+    """
+    from .slices import nci_isbi_cases, nifti_cases
+    from .slices import prepare_slices as run
+
+    nifti = nifti_images is not None or nifti_masks is not None
+    dicom = dicom_root is not None or labels_root is not None
+    if nifti == dicom:
+        raise ValueError("give either --nifti-images and --nifti-masks, or --dicom-root and --labels-root")
+    if nifti and not (nifti_images and nifti_masks):
+        raise ValueError("--nifti-images and --nifti-masks go together")
+    if dicom and not (dicom_root and labels_root):
+        raise ValueError("--dicom-root and --labels-root go together")
+    cases = nifti_cases(nifti_images, nifti_masks) if nifti else nci_isbi_cases(dicom_root, labels_root)
+    if isinstance(test_patients, str):
+        test_patients = [p.strip() for p in test_patients.split(",") if p.strip()]
+    elif isinstance(test_patients, (int, float)):
+        test_patients = [str(test_patients)]
+    summary = run(cases, out, test_fraction=float(test_fraction), seed=int(seed), test_patients=test_patients)
+    print(
+        f"prepared {summary['slices']} gland slices of {summary['patients']} patients: "
+        f"train {summary['train_slices']} ({', '.join(summary['train_patients'])}), "
+        f"test {summary['test_slices']} ({', '.join(summary['test_patients'])}) -> {out}"
+    )
+    print(json.dumps(summary))
+
+
+COMMANDS = {
+    "pseudo-masks": pseudo_masks,
+    "simulate-gaze": simulate_gaze,
+    "register": register,
+    "prepare-slices": prepare_slices,
+}
 
 
 def main(argv=None) -> None:

@@ -64,6 +64,8 @@ def test_train_evaluate_infer_resume_on_generated_data(synthetic_root, tmp_path)
         data / "gaze.csv",
         "--val_fraction",
         "0.34",
+        "--train_step",
+        "levelwise",
     ]
     p = bundle("--config_file", TRAIN, *common, *SMALL, "--epochs", 2)
     assert (out / "models" / "model.pt").is_file() and (out / "models" / "latest.pt").is_file()
@@ -74,6 +76,7 @@ def test_train_evaluate_infer_resume_on_generated_data(synthetic_root, tmp_path)
     metrics = train_run.data.metrics
     assert {"val_mean_dice", "val_dice_level_1", "val_dice_level_2", "train_loss"} <= set(metrics)
     assert train_run.data.params["supervision"] == "gaze" and train_run.data.params["num_levels"] == "2"
+    assert train_run.data.params["train_step"] == "levelwise"
 
     # restart with a longer schedule: resumes from latest.pt after epoch 2 and runs epoch 3 only
     p = bundle("--config_file", TRAIN, *common, *SMALL, "--epochs", 3)
