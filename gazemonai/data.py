@@ -40,10 +40,36 @@ def read_split(dataset_dir: str | os.PathLike, split: str) -> list[str]:
     return ids
 
 
-def validation_split(ids: Sequence[str], fraction: float = 0.1, seed: int = 0) -> tuple[list[str], list[str]]:
-    """Seeded split of ``ids`` into (train, validation); the same seed gives the same split."""
+def validation_split(
+    ids: Sequence[str], fraction: float = 0.1, seed: int = 0, group: str | None = None
+) -> tuple[list[str], list[str]]:
+    """Seeded split of ``ids`` into (train, validation); the same seed gives the same split.
+
+    Args:
+        ids: image ids.
+        fraction: share held out for validation (of the ids, or of the groups).
+        seed: split seed.
+        group: ``"patient"`` keeps each patient's slices (``<PatientID>_<slice>`` ids) on one side,
+            ``fraction`` then counting patients; ``None`` splits images.
+    """
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {fraction}")
+    if group is not None:
+        if group != "patient":
+            raise ValueError(f"group must be None or 'patient', got {group!r}")
+        from .slices import patient_of
+
+        by_patient: dict[str, list[str]] = {}
+        for i in ids:
+            by_patient.setdefault(patient_of(i), []).append(i)
+        if len(by_patient) < 2:
+            raise ValueError(
+                f"a patient-disjoint validation split needs 2 or more patients, got {sorted(by_patient)}"
+            )
+        train_p, val_p = validation_split(sorted(by_patient), fraction, seed)
+        return sorted(i for p in train_p for i in by_patient[p]), sorted(
+            i for p in val_p for i in by_patient[p]
+        )
     ids = sorted(ids)
     order = np.random.default_rng(seed).permutation(len(ids))
     n_val = max(1, int(round(len(ids) * fraction)))
@@ -109,6 +135,7 @@ def split_datalist(
     train_split: str = "train.txt",
     test_split: str = "test.txt",
     limit: int | None = None,
+    group: str | None = None,
 ) -> list[dict]:
     """The datalist of one part: ``"train"`` / ``"val"`` (seeded split of ``train_split``), ``"test"``.
 
@@ -121,9 +148,10 @@ def split_datalist(
         train_split: file of training ids.
         test_split: file of test ids.
         limit: keep the first ``limit`` items (quick trials, tests).
+        group: ``"patient"`` for a patient-disjoint validation split (slice ids ``<PatientID>_<k>``).
     """
     if part in ("train", "val"):
-        train_ids, val_ids = validation_split(read_split(dataset_dir, train_split), val_fraction, seed)
+        train_ids, val_ids = validation_split(read_split(dataset_dir, train_split), val_fraction, seed, group)
         ids = train_ids if part == "train" else val_ids
     elif part == "test":
         ids = read_split(dataset_dir, test_split)

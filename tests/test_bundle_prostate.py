@@ -1,0 +1,84 @@
+"""The prostate_gaze bundle as a user runs it: volumes -> slices -> gaze -> train -> evaluate -> infer."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import ROOT, SHARED_DATA, need
+from PIL import Image
+
+from gazemonai.data import validation_split
+from gazemonai.slices import patient_of
+
+CONFIGS = ROOT / "bundles" / "prostate_gaze" / "configs"
+TRAIN = str(CONFIGS / "train.json")
+EVALUATE = f"['{CONFIGS / 'train.json'}','{CONFIGS / 'evaluate.json'}']"
+SMALL = ["--image_size", "[32,32]", "--batch_size", "4", "--num_workers", "0", "--cache_workers", "1"]
+PROSTATE158 = SHARED_DATA / "prostate-prostate158"
+
+
+def run(*args, module="monai.bundle"):
+    cmd = [sys.executable, "-m", module, *(["run"] if module == "monai.bundle" else []), *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_patient_disjoint_validation_split():
+    ids = [f"P{p}_{k}" for p in range(5) for k in range(1, 4)]
+    train, val = validation_split(ids, 0.4, seed=0, group="patient")
+    assert {patient_of(i) for i in train}.isdisjoint({patient_of(i) for i in val})
+    assert len({patient_of(i) for i in val}) == 2 and sorted(train + val) == sorted(ids)
+    with pytest.raises(ValueError, match="2 or more patients"):
+        validation_split(["P1_1", "P1_2"], 0.5, group="patient")
+
+
+def test_metadata_is_valid_against_shipped_schema():
+    proc = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "verify_metadata",
+         "--meta_file", str(CONFIGS / "metadata.json"),
+         "--filepath", str(ROOT / "bundles" / "schema" / "meta_schema.json")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0 and "metadata is verified with no error" in proc.stdout + proc.stderr
+
+
+def test_prostate158_volumes_to_a_trained_evaluated_bundle(tmp_path):
+    need(PROSTATE158 / "images")
+    data, out = tmp_path / "slices", tmp_path / "bundle"
+    run("prepare-slices", "--out", data, "--nifti-images", PROSTATE158 / "images",
+        "--nifti-masks", PROSTATE158 / "masks", "--test-patients", "020", module="gazemonai")  # fmt: skip
+    run(
+        "simulate-gaze",
+        "--masks",
+        data / "masks",
+        "--out",
+        data / "gaze.csv",
+        "--seed",
+        0,
+        module="gazemonai",
+    )
+    common = ["--bundle_root", out, "--dataset_dir", data, "--gaze_csv", data / "gaze.csv"]
+    p = run("--config_file", TRAIN, *common, *SMALL, "--epochs", 2)
+    log = p.stdout + p.stderr
+    assert "val_dice_level_2" in log and (out / "models" / "model.pt").is_file()
+    # patient-disjoint validation: the train and validation items of the run share no patient
+    ids = (data / "train.txt").read_text().split()
+    train, val = validation_split(ids, 0.34, 0, group="patient")
+    assert {patient_of(i) for i in val} and {patient_of(i) for i in train}.isdisjoint(
+        {patient_of(i) for i in val}
+    )
+
+    run("--config_file", EVALUATE, *common, *SMALL, "--eval_split", "test")
+    report = json.loads((out / "outputs" / "metrics_test.json").read_text())
+    assert report["images"] == 19 and {patient_of(r["id"]) for r in report["per_image"]} == {"020"}
+    assert 0.0 <= report["mean"]["ensemble"]["dice"] <= 1.0
+
+    run("--config_file", CONFIGS / "inference.json", "--bundle_root", out, "--dataset_dir", data / "images",
+        "--output_dir", tmp_path / "pred", "--image_size", "[32,32]")  # fmt: skip
+    written = sorted(p.name for p in (tmp_path / "pred").glob("*.png"))
+    assert written == sorted(p.name for p in (data / "images").glob("*.png"))
+    mask = np.asarray(Image.open(tmp_path / "pred" / "020_10.png"))
+    assert mask.shape == np.asarray(Image.open(data / "images" / "020_10.png")).shape
