@@ -19,7 +19,14 @@ from ignite.engine import Engine, Events
 from ignite.metrics import Metric
 from monai.handlers import from_engine
 
-__all__ = ["ChannelDice", "level_metrics", "SegmentationReport", "LatestCheckpoint", "dice_iou"]
+__all__ = [
+    "ChannelDice",
+    "level_metrics",
+    "SegmentationReport",
+    "LatestCheckpoint",
+    "dice_iou",
+    "init_tracking_store",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +74,12 @@ class ChannelDice(Metric):
             self._scores.append(j if self.iou else d)
 
     def compute(self) -> float:
-        return float(np.mean(self._scores)) if self._scores else float("nan")
+        # the mean over every rank's images (each rank of a distributed run sees its shard)
+        import ignite.distributed as idist
+
+        total = torch.tensor([float(np.sum(self._scores)), float(len(self._scores))], dtype=torch.float64)
+        total = idist.all_reduce(total)
+        return float(total[0] / total[1]) if total[1] > 0 else float("nan")
 
 
 def level_metrics(num_levels: int, prefix: str = "val", iou: bool = False) -> dict[str, ChannelDice]:
@@ -168,3 +180,25 @@ class LatestCheckpoint:
         tmp = self.save_path.with_name(self.save_path.name + ".tmp")
         torch.save(ckpt, tmp)
         os.replace(tmp, self.save_path)
+
+
+def init_tracking_store(tracking_uri: str) -> str:
+    """Create or upgrade the MLflow store once, on rank 0, before other ranks open it.
+
+    Every rank of a distributed run instantiates the configs' ``MLFlowHandler`` (only rank 0 attaches
+    it), and opening a new SQLite store runs its schema migration: two ranks doing so at once fail
+    (``alembic ... expected to match one row``). Rank 0 opens the store, then all ranks meet at a
+    barrier. Without ``torch.distributed`` it just opens the store.
+
+    Returns:
+        ``tracking_uri``.
+    """
+    import torch.distributed as dist
+    from mlflow.tracking import MlflowClient
+
+    distributed = dist.is_available() and dist.is_initialized()
+    if not distributed or dist.get_rank() == 0:
+        MlflowClient(tracking_uri=tracking_uri).search_experiments(max_results=1)
+    if distributed:
+        dist.barrier()
+    return tracking_uri

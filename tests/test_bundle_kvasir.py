@@ -1,6 +1,7 @@
 """The kvasir_gaze bundle run as a user runs it: python -m monai.bundle run, train -> evaluate -> infer."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -154,3 +155,23 @@ def test_bundle_on_a_tiny_slice_of_real_kvasir(tmp_path):
     with Image.open(KVASIR / "images" / name) as im:
         w, h = im.size
     assert np.asarray(Image.open(tmp_path / "pred" / name.replace(".jpg", ".png"))).shape == (h, w)
+
+
+def test_multi_gpu_config_runs_two_processes_with_gloo(synthetic_root, tmp_path):
+    """multi_gpu_train.json under torchrun: 2 CPU processes (gloo), one MLflow store, rank 0's checkpoints."""
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "monai.bundle", "run",
+        "--config_file", f"['{CONFIGS / 'train.json'}','{CONFIGS / 'multi_gpu_train.json'}']",
+        "--bundle_root", str(out), "--dataset_dir", str(synthetic_root),
+        "--gaze_csv", str(synthetic_root / "gaze.csv"),
+        "--val_fraction", "0.5", "--epochs", "1", "--image_size", "[32,32]", "--batch_size", "1",
+        "--num_workers", "0", "--cache_workers", "1",
+    ]  # fmt: skip
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (out / "models" / "model.pt").is_file() and (out / "models" / "latest.pt").is_file()
+    runs = [r for r in mlflow_runs(out / "outputs" / "mlruns.db") if "val_mean_dice" in r.data.metrics]
+    assert len(runs) == 1  # rank 0 only
