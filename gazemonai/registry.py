@@ -18,6 +18,7 @@ dependencies.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -66,7 +67,6 @@ class BundlePyfuncModel(PythonModel):
         self.network.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
         self.network.eval()
         self.in_channels = int(parser.get_parsed_content("in_channels", default=3))
-        self.image_size = tuple(int(v) for v in parser.get_parsed_content("image_size", default=[128, 128]))
         pre = parser.get_parsed_content("preprocessing")
         # files are loaded by the caller: keep everything after loading and channel handling
         self.preprocessing = Compose(
@@ -77,8 +77,6 @@ class BundlePyfuncModel(PythonModel):
         self.inferer = parser.get_parsed_content("inferer")
 
     def _as_batch(self, images) -> np.ndarray:
-        if isinstance(images, dict) and len(images) == 1:  # a named tensor input
-            images = next(iter(images.values()))
         images = np.asarray(images)
         if images.ndim == 3 and self.in_channels == 1:
             images = images[..., None]
@@ -155,6 +153,18 @@ def _load_staged(bundle: Path, ckpt: Path, overrides: dict | None, dest: Path):
     return staged, model
 
 
+def _log_staged(staged: Path, model: BundlePyfuncModel, artifact_path: str, registered_model_name):
+    return mlflow.pyfunc.log_model(
+        name=artifact_path,
+        python_model=BundlePyfuncModel(),
+        artifacts={"bundle": str(staged)},
+        code_paths=[str(Path(__file__).resolve().parent)],
+        pip_requirements=_pip_requirements(),
+        signature=_signature(model.in_channels),
+        registered_model_name=registered_model_name,
+    )
+
+
 def log_bundle_model(
     bundle_dir: str | os.PathLike,
     checkpoint: str | os.PathLike | None = None,
@@ -167,8 +177,7 @@ def log_bundle_model(
     Only what serving needs is logged: ``configs/`` (with ``overrides`` written into
     ``inference.json``, e.g. the ``image_size`` or ``features`` the checkpoint was trained with) and
     the checkpoint as ``models/model.pt``. The checkpoint is loaded once here, so a mismatch with
-    the configs fails before anything is logged; the signature comes from that model's prediction
-    on a blank image.
+    the configs fails before anything is logged. The signature takes any batch size, height and width.
 
     Returns:
         mlflow's ``ModelInfo`` (``model_uri``, ``registered_model_version``, ...).
@@ -176,16 +185,31 @@ def log_bundle_model(
     bundle, ckpt = locate_bundle(bundle_dir, checkpoint)
     with tempfile.TemporaryDirectory() as tmp:
         staged, model = _load_staged(bundle, ckpt, overrides, Path(tmp))
-        signature = _signature(model.in_channels)
-        return mlflow.pyfunc.log_model(
-            name=artifact_path,
-            python_model=BundlePyfuncModel(),
-            artifacts={"bundle": str(staged)},
-            code_paths=[str(Path(__file__).resolve().parent)],
-            pip_requirements=_pip_requirements(),
-            signature=signature,
-            registered_model_name=registered_model_name,
-        )
+        return _log_staged(staged, model, artifact_path, registered_model_name)
+
+
+@contextlib.contextmanager
+def _tracking(uri: str):
+    """Point mlflow's fluent API at ``uri`` for the block, then restore the caller's settings.
+
+    ``mlflow.set_tracking_uri`` also writes ``MLFLOW_TRACKING_URI`` into ``os.environ``, which every
+    later subprocess of the caller (e.g. a bundle run) would inherit.
+    """
+    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    saved_env = {k: os.environ.get(k) for k in keys}
+    saved = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved[0])
+        mlflow.set_registry_uri(saved[1])
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def register_bundle(
@@ -217,17 +241,17 @@ def register_bundle(
     from monai.utils import path_to_sqlite_uri
 
     bundle, ckpt = locate_bundle(bundle_dir, checkpoint)
-    with tempfile.TemporaryDirectory() as tmp:
-        _load_staged(bundle, ckpt, overrides, Path(tmp))  # fail before a run is created
     if tracking_uri is None:
         tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or path_to_sqlite_uri(
             str(ckpt.resolve().parent.parent / "outputs" / "mlruns.db")
         )
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
-    if run_id is None:
-        mlflow.set_experiment(experiment_name)
-    with mlflow.start_run(run_id=run_id) as run:
-        info = log_bundle_model(bundle, ckpt, overrides, registered_model_name=name)
-        logger.info("registered %s version %s (run %s)", name, info.registered_model_version, run.info.run_id)
+    with tempfile.TemporaryDirectory() as tmp, _tracking(tracking_uri):
+        staged, model = _load_staged(bundle, ckpt, overrides, Path(tmp))  # fails before a run exists
+        if run_id is None:
+            mlflow.set_experiment(experiment_name)
+        with mlflow.start_run(run_id=run_id) as run:
+            info = _log_staged(staged, model, "model", name)
+            logger.info(
+                "registered %s version %s (run %s)", name, info.registered_model_version, run.info.run_id
+            )
     return info

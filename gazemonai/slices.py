@@ -155,10 +155,9 @@ def nci_isbi_cases(dicom_root: str | os.PathLike, labels_root: str | os.PathLike
 
 
 def nifti_cases(images_dir: str | os.PathLike, masks_dir: str | os.PathLike) -> list[VolumeCase]:
-    """NIfTI pairs: ``IMAGES/<stem>.nii[.gz]`` with the mask in ``MASKS`` named ``<stem>.nii[.gz]``,
-    ``<stem>_<anything>.nii[.gz]`` (e.g. ``001_t2_anatomy_reader1``) or, when the stem has a
-    modality suffix, ``<case>_<anything>`` (``Case00`` -> ``Case00_segmentation``). The patient id
-    is the stem up to its first ``_`` (``001_t2`` -> ``001``).
+    """NIfTI pairs: ``IMAGES/<stem>.nii[.gz]`` with the mask in ``MASKS`` named ``<stem>.nii[.gz]`` or
+    ``<stem>_<anything>.nii[.gz]`` (``001_t2`` -> ``001_t2_anatomy_reader1``, ``Case00`` ->
+    ``Case00_segmentation``). The patient id is the stem up to its first ``_`` (``001_t2`` -> ``001``).
 
     Raises:
         FileNotFoundError: no images, or images without a mask (named).

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,13 @@ KVASIR = SHARED_DATA / "kvasir-seg"
 GAZE = SHARED_DATA / "gazemedseg"
 KVASIR_CSV = GAZE / "kvasir_fixation.csv"
 NCI_CSV = GAZE / "nci-isbi_fixation.csv"
+
+
+def free_port() -> int:
+    """A free TCP port on loopback, for the servers the tests start."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def need(path: Path):

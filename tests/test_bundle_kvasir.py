@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from conftest import KVASIR, KVASIR_CSV, ROOT, need
 from PIL import Image
 
@@ -34,7 +35,8 @@ def mlflow_runs(db: Path, experiment: str = "kvasir_gaze"):
     return client.search_runs([exp.experiment_id])
 
 
-def test_metadata_is_valid_against_shipped_schema():
+@pytest.mark.parametrize("name", ["kvasir_gaze", "prostate_gaze"])
+def test_metadata_is_valid_against_shipped_schema(name):
     proc = subprocess.run(
         [
             sys.executable,
@@ -42,7 +44,7 @@ def test_metadata_is_valid_against_shipped_schema():
             "monai.bundle",
             "verify_metadata",
             "--meta_file",
-            str(CONFIGS / "metadata.json"),
+            str(ROOT / "bundles" / name / "configs" / "metadata.json"),
             "--filepath",
             str(ROOT / "bundles" / "schema" / "meta_schema.json"),
         ],

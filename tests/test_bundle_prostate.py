@@ -35,16 +35,6 @@ def test_patient_disjoint_validation_split():
         validation_split(["P1_1", "P1_2"], 0.5, group="patient")
 
 
-def test_metadata_is_valid_against_shipped_schema():
-    proc = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "verify_metadata",
-         "--meta_file", str(CONFIGS / "metadata.json"),
-         "--filepath", str(ROOT / "bundles" / "schema" / "meta_schema.json")],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    assert proc.returncode == 0 and "metadata is verified with no error" in proc.stdout + proc.stderr
-
-
 def test_prostate158_volumes_to_a_trained_evaluated_bundle(tmp_path):
     need(PROSTATE158 / "images")
     data, out = tmp_path / "slices", tmp_path / "bundle"

@@ -4,7 +4,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -13,17 +12,11 @@ import uuid
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, free_port
 from PIL import Image
 
 MLBIN = ROOT / ".venv-monailabel" / "bin"
 BUNDLE = ROOT / "bundles" / "kvasir_gaze"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def post_infer(url: str, model: str, image_id: str) -> bytes:

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -11,17 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, free_port
 from PIL import Image
 
 BUNDLE = ROOT / "bundles" / "kvasir_gaze"
 SIZE = ["--image_size", "[32,32]"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(url: str, proc: subprocess.Popen, seconds: float = 120) -> None:
@@ -63,7 +56,7 @@ def cli(*args):
 
 
 def test_register_load_predict_matches_bundle_inference(
-    mlflow_server, kvasir_checkpoint, synthetic_root, tmp_path
+    mlflow_server, kvasir_checkpoint, synthetic_root, tmp_path, monkeypatch
 ):
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -88,7 +81,8 @@ def test_register_load_predict_matches_bundle_inference(
         check=True, capture_output=True, cwd=ROOT,
     )  # fmt: skip
 
-    mlflow.set_tracking_uri(mlflow_server)
+    # not mlflow.set_tracking_uri: it writes os.environ, which later tests' subprocesses would inherit
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     model = mlflow.pyfunc.load_model("models:/kvasir_gaze_test/1")
     names = sorted(p.name for p in (synthetic_root / "images").glob("*.png"))
     images = np.stack([np.asarray(Image.open(synthetic_root / "images" / n).convert("RGB")) for n in names])

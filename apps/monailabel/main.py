@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import monailabel
@@ -111,6 +110,3 @@ class GazeMonaiApp(MONAILabelApp):
 
     def init_strategies(self):
         return {"random": Random(), "first": First()}
-
-
-os.environ.setdefault("MONAI_LABEL_DATASTORE_FILE_EXT", '["*.png", "*.jpg", "*.jpeg", "*.nii.gz", "*.nii"]')
