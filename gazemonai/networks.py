@@ -32,91 +32,140 @@ PAPER_FEATURES = (64, 128, 256, 512, 1024, 128)
 CPU_FEATURES = (16, 32, 64, 128, 256, 32)
 
 
-def _offsets(kernel_size: int, dilation: int, ndim: int) -> list[tuple[int, ...]]:
-    steps = range(0, 2 * (kernel_size // 2) * dilation + 1, dilation)
+def _displacements(kernel_size: int, dilation: int, ndim: int) -> list[tuple[int, ...]]:
+    r = (kernel_size // 2) * dilation
+    steps = range(-r, r + 1, dilation)
     grid = [()]
     for _ in range(ndim):
         grid = [g + (s,) for g in grid for s in steps]
     return grid
 
 
-def _window(padded: torch.Tensor, offset: tuple[int, ...], spatial: tuple[int, ...]) -> torch.Tensor:
-    return padded[(slice(None), slice(None)) + tuple(slice(o, o + n) for o, n in zip(offset, spatial))]
+def _overlap(disp: tuple[int, ...], spatial: tuple[int, ...]):
+    """Index tuples ``(centre, neighbour)`` of the pixels ``p`` whose neighbour ``p + disp`` is inside.
+
+    Neighbours outside the image have zero features (as ``F.unfold`` with zero padding): their
+    similarity is 0 and they add nothing to the output, so only this overlap needs computing.
+    Returns None when it is empty.
+    """
+    centre, neighbour = [slice(None), slice(None)], [slice(None), slice(None)]
+    for d, n in zip(disp, spatial):
+        lo, hi = max(0, -d), n - max(0, d)
+        if hi <= lo:
+            return None
+        centre.append(slice(lo, hi))
+        neighbour.append(slice(lo + d, hi + d))
+    return tuple(centre), tuple(neighbour)
+
+
+def _channel_dot(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, chunk: int = 1 << 18) -> None:
+    """``out = (a * b).sum(1)`` through a small reused buffer instead of one full-size product.
+
+    ``a`` and ``b`` are (B, C, n1, ...) views; the product is formed ``chunk`` elements at a time
+    along the first spatial axis, so it stays in cache and its memory does not grow with the image.
+    """
+    rows = max(1, chunk // max(1, a[:, :, :1].numel()))
+    buf = torch.empty(min(rows, a.shape[2]) * a[:, :, :1].numel(), dtype=a.dtype, device=a.device)
+    for i in range(0, a.shape[2], rows):
+        a_i, b_i = a[:, :, i : i + rows], b[:, :, i : i + rows]
+        prod = torch.mul(a_i, b_i, out=buf[: a_i.numel()].view(a_i.shape))
+        torch.sum(prod, dim=1, out=out[:, i : i + rows])
 
 
 class _FeaturePropagation(torch.autograd.Function):
-    """Propagation with a hand-written backward that accumulates in place into one padded buffer.
+    """Propagation with a hand-written backward that works on the overlapping regions in place.
 
     Autograd through shifted views would allocate a zero-filled padded gradient per neighbour and
-    per use (2 x kernel_size**2 of them); this keeps the saved state to the features and the weights.
+    per use (2 x kernel_size**2 of them). Here no padded copy exists at all: each neighbour is the
+    overlap of the map with its shifted self, the saved state is the features, the values, the
+    weights and the sign of the similarities, and the backward pass accumulates into one gradient
+    per input.
     """
 
     @staticmethod
-    def forward(ctx, feat: torch.Tensor, kernel_size: int, dilation: int):
+    def forward(ctx, feat: torch.Tensor, values: torch.Tensor | None, kernel_size: int, dilation: int):
         spatial = tuple(feat.shape[2:])
-        r = (kernel_size // 2) * dilation
-        padded = nn.functional.pad(feat, (r, r) * len(spatial))
-        offsets = _offsets(kernel_size, dilation, len(spatial))
-        sim = torch.empty((feat.shape[0], len(offsets)) + spatial, dtype=feat.dtype, device=feat.device)
-        for k, o in enumerate(offsets):
-            torch.sum(feat * _window(padded, o, spatial), dim=1, out=sim[:, k])
+        regions = [_overlap(d, spatial) for d in _displacements(kernel_size, dilation, len(spatial))]
+        sim = feat.new_zeros((feat.shape[0], len(regions)) + spatial)
+        for k, reg in enumerate(regions):
+            if reg is not None:
+                c, n = reg
+                _channel_dot(feat[c], feat[n], sim[:, k][(slice(None),) + c[2:]])
         positive = sim > 0
         weight = torch.softmax(sim.clamp_(min=0), dim=1)
-        out = torch.zeros_like(feat)
-        for k, o in enumerate(offsets):
-            out.addcmul_(weight[:, k : k + 1], _window(padded, o, spatial))
-        ctx.save_for_backward(feat, weight, positive)
+        v = feat if values is None else values
+        out = torch.zeros_like(v)
+        for k, reg in enumerate(regions):
+            if reg is not None:
+                c, n = reg
+                out[c].addcmul_(weight[:, k : k + 1][c], v[n])
+        ctx.save_for_backward(feat, values, weight, positive)
         ctx.conf = (kernel_size, dilation)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        feat, weight, positive = ctx.saved_tensors
+        feat, values, weight, positive = ctx.saved_tensors
         kernel_size, dilation = ctx.conf
         spatial = tuple(feat.shape[2:])
-        r = (kernel_size // 2) * dilation
-        padded = nn.functional.pad(feat, (r, r) * len(spatial))
-        offsets = _offsets(kernel_size, dilation, len(spatial))
+        regions = [_overlap(d, spatial) for d in _displacements(kernel_size, dilation, len(spatial))]
+        v = feat if values is None else values
         grad_out = grad_out.contiguous()
-        # d out / d weight_k = <grad_out, window_k>
-        grad_w = torch.empty_like(weight)
-        for k, o in enumerate(offsets):
-            torch.sum(grad_out * _window(padded, o, spatial), dim=1, out=grad_w[:, k])
+        # d out / d weight_k = <grad_out, neighbour_k(v)>
+        grad_w = torch.zeros_like(weight)
+        for k, reg in enumerate(regions):
+            if reg is not None:
+                c, n = reg
+                _channel_dot(grad_out[c], v[n], grad_w[:, k][(slice(None),) + c[2:]])
         # softmax and clamp
         grad_s = weight * (grad_w - (weight * grad_w).sum(dim=1, keepdim=True))
         grad_s.mul_(positive)
-        grad_pad = torch.zeros_like(padded)
+        del grad_w
         grad_feat = torch.zeros_like(feat)
-        for k, o in enumerate(offsets):
-            win = _window(grad_pad, o, spatial)
-            win.addcmul_(weight[:, k : k + 1], grad_out)  # out = sum_k w_k * window_k(f)
-            win.addcmul_(grad_s[:, k : k + 1], feat)  # sim_k = <f, window_k(f)>, the neighbour's side
-            grad_feat.addcmul_(grad_s[:, k : k + 1], _window(padded, o, spatial))  # ... the centre's side
-        grad_feat += _window(grad_pad, (r,) * len(spatial), spatial)
-        return grad_feat, None, None
+        grad_v = grad_feat if values is None else torch.zeros_like(values)
+        for k, reg in enumerate(regions):
+            if reg is not None:
+                c, n = reg
+                w_k, s_k = weight[:, k : k + 1][c], grad_s[:, k : k + 1][c]
+                grad_v[n].addcmul_(w_k, grad_out[c])  # out = sum_k w_k * neighbour_k(v)
+                grad_feat[n].addcmul_(s_k, feat[c])  # sim_k = <f, neighbour_k(f)>: the neighbour's side
+                grad_feat[c].addcmul_(s_k, feat[n])  # ... and the centre's
+        return grad_feat, None if values is None else grad_v, None, None
 
 
-def feature_propagation(feat: torch.Tensor, kernel_size: int = 5, dilation: int = 2) -> torch.Tensor:
+def feature_propagation(
+    feat: torch.Tensor, kernel_size: int = 5, dilation: int = 2, values: torch.Tensor | None = None
+) -> torch.Tensor:
     """Similarity-weighted average of each pixel's neighbours, without unfolding.
 
     For pixel ``p`` with neighbours ``q`` on a ``kernel_size`` x ``kernel_size`` grid at ``dilation``
-    (zero features beyond the border, as ``F.unfold`` with zero padding):
-    ``w_pq = softmax_q(max(<f_p, f_q>, 0))`` and the output is ``sum_q w_pq f_q``.
+    (zero beyond the border, as ``F.unfold`` with zero padding):
+    ``w_pq = softmax_q(max(<f_p, f_q>, 0))`` and the output is ``sum_q w_pq v_q``, where the values
+    ``v`` are the features themselves unless ``values`` is given.
 
     The reference unfolds the feature map into a ``kernel_size**2`` times larger tensor; here each
-    neighbour is a shifted view of one padded copy and the backward pass is written out, so the extra
-    memory is one padded feature map and the ``kernel_size**2`` weights per pixel.
+    neighbour is the overlap of the map with its shifted self and the backward pass is written out,
+    so the extra memory is the ``kernel_size**2`` weights per pixel and one gradient per input.
 
     Args:
         feat: (B, C, H, W) features, or (B, C, D, H, W) (cubic neighbourhood).
         kernel_size: odd neighbourhood size.
         dilation: spacing between neighbours.
+        values: (B, C', ...) maps to average with the weights of ``feat`` (default: ``feat``).
+            A linear map of the features commutes with the average, so the propagated logits of a
+            1x1 classifier ``W f + b`` are ``feature_propagation(f, values=W f) + b``: C' = 1
+            channel to average instead of C.
     """
     if kernel_size % 2 != 1:
         raise ValueError(f"kernel_size must be odd, got {kernel_size}")
     if feat.dim() not in (4, 5):
         raise ValueError(f"feat must be 4-D or 5-D, got shape {tuple(feat.shape)}")
-    return _FeaturePropagation.apply(feat, kernel_size, dilation)
+    if values is not None and (values.shape[0] != feat.shape[0] or values.shape[2:] != feat.shape[2:]):
+        raise ValueError(
+            f"values must match feat in batch and spatial size, got {tuple(values.shape)} "
+            f"for features {tuple(feat.shape)}"
+        )
+    return _FeaturePropagation.apply(feat, values, kernel_size, dilation)
 
 
 def feature_propagation_unfold(feat: torch.Tensor, kernel_size: int = 5, dilation: int = 2) -> torch.Tensor:
@@ -193,6 +242,12 @@ class MultiLevelNet(nn.Module):
         init: ``"independent"`` (each level initialised on its own, as the paper describes) or
             ``"copy"`` (all levels start as copies of the first, as the reference code does).
         propagate: compute the propagated logits in ``output="train"``.
+        propagate_logits: average the classifier's 1-channel output ``W f`` with the propagation
+            weights, then add its bias, instead of averaging the C-channel features and classifying
+            them. The two are equal (a 1x1 convolution commutes with a weighted average whose weights
+            sum to one), and this one averages 1 channel instead of C (the paper's C: 128) and keeps
+            no propagated feature map for the backward pass. ``False`` is the reference's order,
+            for a :attr:`propagation` function without ``values`` (the unfold reference).
         kernel_size: propagation neighbourhood.
         dilation: propagation dilation.
         output: default output, ``"ensemble"`` (B, 1, ...) mean logits — what inference, MONAI Label
@@ -208,6 +263,7 @@ class MultiLevelNet(nn.Module):
         num_levels: int = 2,
         init: str = "independent",
         propagate: bool = True,
+        propagate_logits: bool = True,
         kernel_size: int = 5,
         dilation: int = 2,
         output: str = "ensemble",
@@ -226,6 +282,7 @@ class MultiLevelNet(nn.Module):
             for level in self.levels[1:]:
                 level.load_state_dict(self.levels[0].state_dict())
         self.propagate = propagate
+        self.propagate_logits = propagate_logits
         self.propagation = feature_propagation
         self.kernel_size = kernel_size
         self.dilation = dilation
@@ -238,7 +295,12 @@ class MultiLevelNet(nn.Module):
         if not propagate:
             return net(x), None
         logits, feat = net(x, return_features=True)
-        return logits, net.classifier(self.propagation(feat, self.kernel_size, self.dilation))
+        if not self.propagate_logits:
+            return logits, net.classifier(self.propagation(feat, self.kernel_size, self.dilation))
+        values = getattr(nn.functional, f"conv{feat.dim() - 2}d")(feat, net.classifier.weight)  # W f, no bias
+        prop = self.propagation(feat, self.kernel_size, self.dilation, values=values)
+        bias = net.classifier.bias
+        return logits, prop if bias is None else prop + bias.view((1, -1) + (1,) * (feat.dim() - 2))
 
     def forward(self, x: torch.Tensor, output: str | None = None):
         output = output or self.output

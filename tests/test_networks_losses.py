@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import pytest
@@ -19,6 +20,55 @@ def test_propagation_matches_unfold_reference_and_its_gradient():
     (a,) = torch.autograd.grad((feature_propagation(f) * g).sum(), f)
     (b,) = torch.autograd.grad((feature_propagation_unfold(f) * g).sum(), f)
     assert torch.allclose(a, b, atol=1e-10)
+
+
+def _propagation_by_loops(f, kernel_size, dilation, values=None):
+    """The definition, pixel by pixel, with explicit zero padding (any number of spatial dims)."""
+    v = f if values is None else values
+    r = (kernel_size // 2) * dilation
+    fp = torch.nn.functional.pad(f, (r, r) * (f.dim() - 2))
+    vp = torch.nn.functional.pad(v, (r, r) * (f.dim() - 2))
+    out = torch.zeros_like(v)
+    steps = range(0, 2 * r + 1, dilation)
+    for p in itertools.product(*(range(n) for n in f.shape[2:])):
+        for b in range(f.shape[0]):
+            qs = [tuple(pi + o for pi, o in zip(p, off)) for off in itertools.product(steps, repeat=len(p))]
+            sims = torch.stack([(f[(b, slice(None)) + p] * fp[(b, slice(None)) + q]).sum() for q in qs])
+            w = torch.softmax(sims.clamp(min=0), 0)
+            out[(b, slice(None)) + p] = sum(wk * vp[(b, slice(None)) + q] for wk, q in zip(w, qs))
+    return out
+
+
+def test_propagation_3d_and_with_values_against_the_definition():
+    torch.manual_seed(0)
+    f = torch.randn(1, 3, 4, 5, 3, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 2, 4, 5, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.allclose(feature_propagation(f, 3, 2), _propagation_by_loops(f, 3, 2), atol=1e-12)
+    expected = _propagation_by_loops(f, 3, 1, v)
+    assert torch.allclose(feature_propagation(f, 3, 1, values=v), expected, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda a, b: feature_propagation(a, 3, 1, values=b), (f, v))
+    f2 = torch.randn(2, 4, 7, 6, dtype=torch.float64, requires_grad=True)
+    v2 = torch.randn(2, 1, 7, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: feature_propagation(a, 5, 2, values=b), (f2, v2))
+    with pytest.raises(ValueError, match="values must match feat"):
+        feature_propagation(f2, values=v2[:, :, :5])
+
+
+def test_propagating_logits_equals_classifying_propagated_features():
+    """A 1x1 classifier commutes with the weighted average: both orders, same values and gradients."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    ramp = torch.linspace(-1, 1, 256, dtype=torch.float64).view(16, 16)
+    results = []
+    for propagate_logits in (True, False):
+        torch.manual_seed(1)
+        net = MultiLevelNet(2, features=SLIM, propagate_logits=propagate_logits).double()
+        out = net(x, output="train")
+        (out["prop_logits"][0] * ramp).sum().backward()
+        results.append((out["prop_logits"][0].detach(), [p.grad.clone() for p in net.levels[0].parameters()]))
+    (a, ga), (b, gb) = results
+    assert torch.allclose(a, b, atol=1e-12)
+    assert all(torch.allclose(u, w, atol=1e-10) for u, w in zip(ga, gb))
 
 
 def test_propagation_by_hand():
