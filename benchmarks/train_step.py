@@ -30,27 +30,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def measure(
-    impl: str, levels, features, size, batch, steps, threads, step_in_backward: bool, step: str
+    impl: str, levels, features, size, batch, steps, threads, step_in_backward: bool, step: str, fused: bool
 ) -> dict:
     import torch
     from ignite.engine import Events
     from monai.engines import SupervisedTrainer
 
-    from gazemonai.engine import MultiLevelPrepareBatch, StepInBackward, train_iteration
+    from gazemonai.engine import MultiLevelPrepareBatch, train_iteration
     from gazemonai.losses import MultiLevelGazeLoss
     from gazemonai.networks import MultiLevelNet, feature_propagation_unfold
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # interpreter + torch + MONAI
+    ref = impl == "reference"
+    # the reference: copied levels, features propagated by unfolding, then classified (GazeSup's code)
     net = MultiLevelNet(
-        num_levels=levels, features=features, init="copy" if impl == "reference" else "independent"
+        num_levels=levels, features=features, init="copy" if ref else "independent", propagate_logits=not ref
     )
-    if impl == "reference":
+    if ref:
         net.propagation = feature_propagation_unfold
-    opt = torch.optim.SGD(net.parameters(), lr=1e-2, momentum=0.99, nesterov=True, weight_decay=4e-4)
-    if impl == "ours" and step_in_backward:
-        StepInBackward.attach(opt)
+    # the reference's optimizer is the GazeSup code's (torch's default, per-parameter loop or foreach);
+    # ours is the bundle's paper profile: the same SGD with torch's fused CPU kernel
+    fused = impl == "ours" and fused
+    opt = torch.optim.SGD(
+        net.parameters(), lr=1e-2, momentum=0.99, nesterov=True, weight_decay=4e-4, fused=fused or None
+    )
     x = torch.randn(batch, 3, size, size)
     y = (torch.rand(batch, levels, size, size) > 0.5).float()
     # the trainer the bundles run: MONAI's SupervisedTrainer, one batch per iteration
@@ -62,7 +67,7 @@ def measure(
         optimizer=opt,
         loss_function=MultiLevelGazeLoss(consistency="prop", consistency_weight=3.0),
         prepare_batch=MultiLevelPrepareBatch(output="train"),
-        iteration_update=train_iteration(step if impl == "ours" else "joint"),
+        iteration_update=train_iteration("joint") if ref else train_iteration(step, step_in_backward),
         optim_set_to_none=True,
         decollate=False,
     )
@@ -93,31 +98,36 @@ def main(argv=None):
         "--no-step-in-backward",
         dest="step_in_backward",
         action="store_false",
-        help="ours: plain optimizer.step() after backward instead of fusing it into the backward pass",
+        help="ours, levelwise: optimizer.step() after backward instead of inside the backward pass",
+    )
+    ap.add_argument(
+        "--no-fused", dest="fused", action="store_false", help="ours: torch's default SGD (not fused)"
     )
     args = ap.parse_args(argv)
+    if args.step == "joint":
+        args.step_in_backward = False  # MONAI's joint iteration steps after backward
     features = [int(f) for f in args.features.split(",")]
+    opts = dict(
+        levels=args.levels,
+        features=features,
+        size=args.size,
+        batch=args.batch,
+        steps=args.steps,
+        threads=args.threads,
+        step_in_backward=args.step_in_backward,
+        step=args.step,
+        fused=args.fused,
+    )
     if args.impl != "both":
-        res = measure(
-            args.impl,
-            args.levels,
-            features,
-            args.size,
-            args.batch,
-            args.steps,
-            args.threads,
-            args.step_in_backward,
-            args.step,
-        )
-        print(json.dumps(res))
+        print(json.dumps(measure(args.impl, **opts)))
         return
     res = {}
     for impl in ("ours", "reference"):
         cmd = [sys.executable, __file__, "--impl", impl] + [
-            f"--{k}={v}" for k, v in vars(args).items() if k not in ("impl", "step_in_backward")
+            f"--{k}={v}" for k, v in vars(args).items() if k not in ("impl", "step_in_backward", "fused")
         ]
-        if not args.step_in_backward:
-            cmd.append("--no-step-in-backward")
+        cmd += [] if args.step_in_backward else ["--no-step-in-backward"]
+        cmd += [] if args.fused else ["--no-fused"]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         res[impl] = json.loads(out)
     result = {
@@ -140,6 +150,7 @@ def main(argv=None):
         "size": args.size,
         "batch": args.batch,
         "step_in_backward": args.step_in_backward,
+        "fused": args.fused,
         "step": args.step,
     }
     print(json.dumps(result))

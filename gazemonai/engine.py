@@ -168,11 +168,28 @@ class LevelwiseTrainStep:
     the engine's ``prepare_batch``, ``inferer`` (e.g. :class:`AutocastInferer`) and optimizer are used
     as the default iteration would. The output holds ``pred`` (``{"logits": mean, "level_logits":
     [...]}``, detached) and ``loss`` (the total) like the default iteration's.
+
+    Not for ``DistributedDataParallel``: each backward pass reaches one level's parameters only, while
+    DDP reduces all of them in every pass (use the joint step there; ``multi_gpu_train.json`` does).
+
+    Args:
+        step_in_backward: attach :class:`StepInBackward` to the engine's optimizer on the first
+            iteration (each parameter updated as soon as its gradient is ready; the same update).
     """
+
+    def __init__(self, step_in_backward: bool = False) -> None:
+        self.step_in_backward = step_in_backward
 
     def __call__(self, engine, batchdata: dict) -> dict:
         if batchdata is None:
             raise ValueError("must provide batch data for current iteration.")
+        if isinstance(engine.network, torch.nn.parallel.DistributedDataParallel):
+            raise ValueError(
+                "the levelwise step cannot train a DistributedDataParallel network (each backward "
+                "reaches one level only); use train_step 'joint' for multi-GPU training"
+            )
+        if self.step_in_backward and not hasattr(engine.optimizer, "_gazemonai_step_in_backward"):
+            StepInBackward.attach(engine.optimizer)
         inputs, targets, _, _ = engine.prepare_batch(
             batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs
         )
@@ -209,15 +226,21 @@ class LevelwiseTrainStep:
         return engine.state.output
 
 
-def train_iteration(step: str = "levelwise"):
+def train_iteration(step: str = "levelwise", step_in_backward: bool = False):
     """The trainer's ``iteration_update`` for a training-step mode (what bundle configs call).
 
     Args:
         step: ``"levelwise"`` (:class:`LevelwiseTrainStep`) or ``"joint"`` (MONAI's default
             iteration: all levels forward, one loss, one backward).
+        step_in_backward: levelwise only: the optimizer steps inside the backward pass
+            (:class:`StepInBackward`), which saves the memory of all gradients at once.
     """
     if step == "joint":
+        if step_in_backward:
+            raise ValueError(
+                "step_in_backward needs train_step 'levelwise' (MONAI's joint iteration steps after backward)"
+            )
         return None
     if step == "levelwise":
-        return LevelwiseTrainStep()
+        return LevelwiseTrainStep(step_in_backward=step_in_backward)
     raise ValueError(f"step must be 'levelwise' or 'joint', got {step!r}")

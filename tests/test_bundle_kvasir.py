@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import KVASIR, KVASIR_CSV, ROOT, need
 from PIL import Image
 
@@ -15,6 +16,7 @@ BUNDLE = ROOT / "bundles" / "kvasir_gaze"
 CONFIGS = BUNDLE / "configs"
 TRAIN = str(CONFIGS / "train.json")
 EVALUATE = f"['{CONFIGS / 'train.json'}','{CONFIGS / 'evaluate.json'}']"
+PAPER = f"['{CONFIGS / 'train.json'}','{CONFIGS / 'paper_profile.json'}']"
 SMALL = ["--image_size", "[32,32]", "--batch_size", "2", "--num_workers", "0", "--cache_workers", "1"]
 
 
@@ -159,12 +161,36 @@ def test_bundle_on_a_tiny_slice_of_real_kvasir(tmp_path):
     assert np.asarray(Image.open(tmp_path / "pred" / name.replace(".jpg", ".png"))).shape == (h, w)
 
 
-def test_multi_gpu_config_runs_two_processes_with_gloo(synthetic_root, tmp_path):
-    """multi_gpu_train.json under torchrun: 2 CPU processes (gloo), one MLflow store, rank 0's checkpoints."""
+def test_paper_profile_trains_levelwise_with_the_step_in_backward(synthetic_root, tmp_path):
+    """paper_profile.json (slim widths here): levelwise step, fused SGD stepping inside backward."""
+    out = tmp_path / "paper"
+    p = bundle(
+        "--config_file", PAPER, "--bundle_root", out, "--dataset_dir", synthetic_root,
+        "--gaze_csv", synthetic_root / "gaze.csv", "--features", "[8,8,16,16,32,8]", "--iterations", 2,
+        *SMALL,
+    )  # fmt: skip
+    assert "val_mean_dice" in p.stdout + p.stderr
+    run = [r for r in mlflow_runs(out / "outputs" / "mlruns.db") if "val_mean_dice" in r.data.metrics][0]
+    params = run.data.params
+    assert params["train_step"] == "levelwise" and params["step_in_backward"] == "True"
+    assert params["optimizer"] == "SGD"
+    ckpt = torch.load(out / "models" / "latest.pt", weights_only=True)
+    state = ckpt["optimizer"]["state"]
+    assert ckpt["optimizer"]["param_groups"][0]["fused"] is True
+    assert state and all("momentum_buffer" in v for v in state.values())  # every parameter was stepped
+
+
+@pytest.mark.parametrize("profile", [[], ["paper_profile.json"]], ids=["cpu_profile", "paper_profile"])
+def test_multi_gpu_config_runs_two_processes_with_gloo(synthetic_root, tmp_path, profile):
+    """multi_gpu_train.json under torchrun: 2 CPU processes (gloo), one MLflow store, rank 0's checkpoints.
+
+    With the paper profile too: multi_gpu_train.json switches its levelwise step back to the joint one.
+    """
     out = tmp_path / "ddp"
+    files = ",".join(f"'{CONFIGS / f}'" for f in ["train.json", *profile, "multi_gpu_train.json"])
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "monai.bundle", "run",
-        "--config_file", f"['{CONFIGS / 'train.json'}','{CONFIGS / 'multi_gpu_train.json'}']",
+        "--config_file", f"[{files}]", "--features", "[8,8,16,16,32,8]",
         "--bundle_root", str(out), "--dataset_dir", str(synthetic_root),
         "--gaze_csv", str(synthetic_root / "gaze.csv"),
         "--val_fraction", "0.5", "--epochs", "1", "--image_size", "[32,32]", "--batch_size", "1",

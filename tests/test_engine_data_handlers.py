@@ -125,12 +125,16 @@ def test_latest_checkpoint_round_trip(tmp_path):
     assert all(torch.equal(saved[k], v) for k, v in net2.state_dict().items())
 
 
-@pytest.mark.parametrize("levels,step_in_backward", [(2, False), (3, True)])
-def test_levelwise_step_matches_the_joint_step(levels, step_in_backward):
-    """Training the levels one after another gives the joint step's update and loss."""
+@pytest.mark.parametrize("levels,step_in_backward,fused", [(2, False, False), (3, True, True)])
+def test_levelwise_step_matches_the_joint_step(levels, step_in_backward, fused):
+    """Training the levels one after another gives the joint step's update and loss.
+
+    The joint step is MONAI's default iteration with torch's default SGD; the levelwise step may
+    update each parameter inside the backward pass with the fused SGD kernel (the paper profile).
+    """
     from monai.engines import SupervisedTrainer
 
-    from gazemonai.engine import MultiLevelPrepareBatch, StepInBackward, train_iteration
+    from gazemonai.engine import MultiLevelPrepareBatch, train_iteration
     from gazemonai.losses import MultiLevelGazeLoss
 
     torch.manual_seed(0)
@@ -141,9 +145,8 @@ def test_levelwise_step_matches_the_joint_step(levels, step_in_backward):
     for step in ("joint", "levelwise"):
         net = MultiLevelNet(levels, features=(4, 4, 8, 8, 8, 4))
         net.load_state_dict(init)
-        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-        if step_in_backward:
-            StepInBackward.attach(opt)
+        lw = step == "levelwise"
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, fused=(lw and fused) or None)
         trainer = SupervisedTrainer(
             device=torch.device("cpu"),
             max_epochs=2,
@@ -152,7 +155,7 @@ def test_levelwise_step_matches_the_joint_step(levels, step_in_backward):
             optimizer=opt,
             loss_function=MultiLevelGazeLoss(consistency="prop", consistency_weight=3.0),
             prepare_batch=MultiLevelPrepareBatch(output="train"),
-            iteration_update=train_iteration(step),
+            iteration_update=train_iteration(step, step_in_backward=lw and step_in_backward),
             decollate=False,
         )
         losses = []
@@ -168,6 +171,65 @@ def test_levelwise_step_matches_the_joint_step(levels, step_in_backward):
         assert torch.allclose(joint[k], lw[k], atol=1e-5), k
     assert lw_pred["logits"].shape == joint_pred["logits"].shape == (2, 1, 16, 16)
     assert torch.allclose(lw_pred["logits"], joint_pred["logits"], atol=1e-4)
+
+
+def test_step_in_backward_leaves_no_gradients_and_needs_the_levelwise_step():
+    from monai.engines import SupervisedTrainer
+
+    from gazemonai.engine import MultiLevelPrepareBatch, train_iteration
+    from gazemonai.losses import MultiLevelGazeLoss
+
+    with pytest.raises(ValueError, match="needs train_step 'levelwise'"):
+        train_iteration("joint", step_in_backward=True)
+    net = MultiLevelNet(2, features=(4, 4, 8, 8, 8, 4))
+    batch = {"image": torch.rand(2, 3, 16, 16), "pseudo_label": torch.rand(2, 2, 16, 16).round()}
+    before = [p.detach().clone() for p in net.parameters()]
+    grads_seen = []
+    for p in net.parameters():  # registered before the step's own hooks: sees each gradient first
+        p.register_post_accumulate_grad_hook(lambda p: grads_seen.append(p.grad is not None))
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=1,
+        train_data_loader=[batch],
+        network=net,
+        optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+        loss_function=MultiLevelGazeLoss(),
+        prepare_batch=MultiLevelPrepareBatch(output="train"),
+        iteration_update=train_iteration("levelwise", step_in_backward=True),
+        decollate=False,
+    )
+    trainer.run()
+    assert len(grads_seen) == len(before) and all(grads_seen)
+    assert all(p.grad is None for p in net.parameters())  # each freed right after its update
+    assert all(not torch.equal(b, p) for b, p in zip(before, net.parameters()) if p.dim() > 1)
+
+
+def test_levelwise_step_refuses_distributed_data_parallel(tmp_path):
+    """DDP reduces every parameter's gradient in each backward; the levelwise step reaches one level."""
+    import torch.distributed as dist
+    from monai.engines import SupervisedTrainer
+
+    from gazemonai.engine import MultiLevelPrepareBatch, train_iteration
+    from gazemonai.losses import MultiLevelGazeLoss
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        net = torch.nn.parallel.DistributedDataParallel(MultiLevelNet(2, features=(4, 4, 8, 8, 8, 4)))
+        trainer = SupervisedTrainer(
+            device=torch.device("cpu"),
+            max_epochs=1,
+            train_data_loader=[{"image": torch.rand(1, 3, 16, 16), "pseudo_label": torch.rand(1, 2, 16, 16)}],
+            network=net,
+            optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+            loss_function=MultiLevelGazeLoss(),
+            prepare_batch=MultiLevelPrepareBatch(output="train"),
+            iteration_update=train_iteration("levelwise"),
+            decollate=False,
+        )
+        with pytest.raises(ValueError, match="use train_step 'joint' for multi-GPU"):
+            trainer.run()
+    finally:
+        dist.destroy_process_group()
 
 
 def test_train_iteration_rejects_unknown_steps():
