@@ -1,9 +1,12 @@
 """One training step of the multi-level gaze loss: ours against the reference's unfold propagation.
 
 Each implementation runs in its own process (so peak RSS is its own), fp32, 2 threads, SGD step
-included, through MONAI's ``SupervisedTrainer`` as the bundles run it. Ours trains the levels one after
-another (``--step levelwise``: same gradients, one level's activations at a time) with the optimizer
-step fused into the backward pass; the reference runs the joint step with the unfold propagation.
+included, through MONAI's ``SupervisedTrainer``. Ours runs as ``paper_profile.json`` configures the
+bundles: the levelwise step (``--step levelwise``: same gradients, one level's activations at a
+time), torch's fused SGD stepping inside the backward pass, the freed memory released when the
+backward pass reaches the bottleneck (``--release-memory-at``), and the propagation of the
+classifier's logits without unfolding. The reference is GazeSup's formulation: copied levels,
+features unfolded and propagated, then classified, torch's default SGD, MONAI's joint iteration.
 ``--impl both`` (default) runs ours then the reference at the same settings and prints,
 as the last line, one JSON object::
 
@@ -30,7 +33,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def measure(
-    impl: str, levels, features, size, batch, steps, threads, step_in_backward: bool, step: str, fused: bool
+    impl: str,
+    levels,
+    features,
+    size,
+    batch,
+    steps,
+    threads,
+    step_in_backward: bool,
+    step: str,
+    fused: bool,
+    release_memory_at: str,
 ) -> dict:
     import torch
     from ignite.engine import Events
@@ -67,7 +80,9 @@ def measure(
         optimizer=opt,
         loss_function=MultiLevelGazeLoss(consistency="prop", consistency_weight=3.0),
         prepare_batch=MultiLevelPrepareBatch(output="train"),
-        iteration_update=train_iteration("joint") if ref else train_iteration(step, step_in_backward),
+        iteration_update=train_iteration("joint")
+        if ref
+        else train_iteration(step, step_in_backward, [m for m in release_memory_at.split(",") if m]),
         optim_set_to_none=True,
         decollate=False,
     )
@@ -103,9 +118,14 @@ def main(argv=None):
     ap.add_argument(
         "--no-fused", dest="fused", action="store_false", help="ours: torch's default SGD (not fused)"
     )
+    ap.add_argument(
+        "--release-memory-at",
+        default="backbone.down_4",
+        help="ours, levelwise: level submodules where backward releases freed memory ('' for none)",
+    )
     args = ap.parse_args(argv)
-    if args.step == "joint":
-        args.step_in_backward = False  # MONAI's joint iteration steps after backward
+    if args.step == "joint":  # MONAI's joint iteration as it is
+        args.step_in_backward, args.release_memory_at = False, ""
     features = [int(f) for f in args.features.split(",")]
     opts = dict(
         levels=args.levels,
@@ -117,15 +137,16 @@ def main(argv=None):
         step_in_backward=args.step_in_backward,
         step=args.step,
         fused=args.fused,
+        release_memory_at=args.release_memory_at,
     )
     if args.impl != "both":
         print(json.dumps(measure(args.impl, **opts)))
         return
     res = {}
     for impl in ("ours", "reference"):
-        cmd = [sys.executable, __file__, "--impl", impl] + [
-            f"--{k}={v}" for k, v in vars(args).items() if k not in ("impl", "step_in_backward", "fused")
-        ]
+        flags = {k: v for k, v in vars(args).items() if k not in ("impl", "step_in_backward", "fused")}
+        cmd = [sys.executable, __file__, "--impl", impl]
+        cmd += [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
         cmd += [] if args.step_in_backward else ["--no-step-in-backward"]
         cmd += [] if args.fused else ["--no-fused"]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
@@ -151,6 +172,7 @@ def main(argv=None):
         "batch": args.batch,
         "step_in_backward": args.step_in_backward,
         "fused": args.fused,
+        "release_memory_at": args.release_memory_at,
         "step": args.step,
     }
     print(json.dumps(result))

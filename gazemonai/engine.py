@@ -6,12 +6,16 @@
 * :class:`StepInBackward`: optimizer step fused into the backward pass (saves the gradient memory).
 * :class:`LevelwiseTrainStep`: a trainer iteration that trains the level networks one after
   another (the same gradients as the joint step, one level's activations in memory at a time).
+* :func:`release_freed_memory`: hand the C allocator's free pages back to the OS (used by the
+  levelwise step at a chosen point of the backward pass).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from collections.abc import Sequence
-from functools import partial
+from functools import lru_cache, partial
 
 import torch
 from monai.engines import PrepareBatch
@@ -25,6 +29,7 @@ __all__ = [
     "StepInBackward",
     "LevelwiseTrainStep",
     "train_iteration",
+    "release_freed_memory",
     "num_levels",
     "level_label_key",
     "SUPERVISION_MODES",
@@ -151,6 +156,40 @@ class StepInBackward:
         return optimizer
 
 
+@lru_cache(maxsize=1)
+def _malloc_trim():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
+        return libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows)
+        return None
+
+
+def release_freed_memory() -> bool:
+    """Return the pages of memory freed so far to the operating system (glibc ``malloc_trim``).
+
+    glibc keeps freed tensor memory of up to 32 MB per block in the process's heap for reuse, and
+    larger blocks are always fresh pages. In a backward pass through a U-Net, the decoder's freed
+    activations therefore stay resident while the bottleneck's large weight gradients arrive as new
+    pages, and the two add up in the peak resident memory. Calling this between the two releases
+    the former. Returns False (and does nothing) where the C library has no ``malloc_trim``.
+    """
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
+def _release_on_gradient(grad: torch.Tensor) -> None:
+    release_freed_memory()  # returns None: the gradient passes unchanged
+
+
+def _release_after_gradient(module, args, output) -> None:
+    if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad:
+        output.register_hook(_release_on_gradient)
+
+
 class LevelwiseTrainStep:
     """A ``SupervisedTrainer`` iteration that trains the N level networks one after another.
 
@@ -175,10 +214,26 @@ class LevelwiseTrainStep:
     Args:
         step_in_backward: attach :class:`StepInBackward` to the engine's optimizer on the first
             iteration (each parameter updated as soon as its gradient is ready; the same update).
+        release_memory_at: submodules of each level network (e.g. ``"backbone.down_4"``, the
+            U-Net's bottleneck) at which the backward pass calls :func:`release_freed_memory`: when
+            the gradient of that module's output is ready, before the module's own backward.
     """
 
-    def __init__(self, step_in_backward: bool = False) -> None:
+    def __init__(self, step_in_backward: bool = False, release_memory_at: Sequence[str] = ()) -> None:
         self.step_in_backward = step_in_backward
+        self.release_memory_at = tuple(release_memory_at)
+        self._hooked = set()
+
+    def _hook_release_points(self, network) -> None:
+        for level in network.levels:
+            for name in self.release_memory_at:
+                try:
+                    module = level.get_submodule(name)
+                except AttributeError as e:
+                    raise ValueError(f"release_memory_at: the level network has no submodule {name!r}") from e
+                if id(module) not in self._hooked:
+                    module.register_forward_hook(_release_after_gradient)
+                    self._hooked.add(id(module))
 
     def __call__(self, engine, batchdata: dict) -> dict:
         if batchdata is None:
@@ -190,6 +245,7 @@ class LevelwiseTrainStep:
             )
         if self.step_in_backward and not hasattr(engine.optimizer, "_gazemonai_step_in_backward"):
             StepInBackward.attach(engine.optimizer)
+        self._hook_release_points(engine.network)
         inputs, targets, _, _ = engine.prepare_batch(
             batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs
         )
@@ -226,7 +282,9 @@ class LevelwiseTrainStep:
         return engine.state.output
 
 
-def train_iteration(step: str = "levelwise", step_in_backward: bool = False):
+def train_iteration(
+    step: str = "levelwise", step_in_backward: bool = False, release_memory_at: Sequence[str] = ()
+):
     """The trainer's ``iteration_update`` for a training-step mode (what bundle configs call).
 
     Args:
@@ -234,13 +292,15 @@ def train_iteration(step: str = "levelwise", step_in_backward: bool = False):
             iteration: all levels forward, one loss, one backward).
         step_in_backward: levelwise only: the optimizer steps inside the backward pass
             (:class:`StepInBackward`), which saves the memory of all gradients at once.
+        release_memory_at: levelwise only: see :class:`LevelwiseTrainStep`.
     """
     if step == "joint":
-        if step_in_backward:
+        if step_in_backward or release_memory_at:
             raise ValueError(
-                "step_in_backward needs train_step 'levelwise' (MONAI's joint iteration steps after backward)"
+                "step_in_backward and release_memory_at need train_step 'levelwise' (MONAI's joint "
+                "iteration is used as it is)"
             )
         return None
     if step == "levelwise":
-        return LevelwiseTrainStep(step_in_backward=step_in_backward)
+        return LevelwiseTrainStep(step_in_backward=step_in_backward, release_memory_at=release_memory_at)
     raise ValueError(f"step must be 'levelwise' or 'joint', got {step!r}")

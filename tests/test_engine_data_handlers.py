@@ -1,4 +1,6 @@
 import json
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -179,8 +181,9 @@ def test_step_in_backward_leaves_no_gradients_and_needs_the_levelwise_step():
     from gazemonai.engine import MultiLevelPrepareBatch, train_iteration
     from gazemonai.losses import MultiLevelGazeLoss
 
-    with pytest.raises(ValueError, match="needs train_step 'levelwise'"):
-        train_iteration("joint", step_in_backward=True)
+    for bad in ({"step_in_backward": True}, {"release_memory_at": ["backbone.down_4"]}):
+        with pytest.raises(ValueError, match="need train_step 'levelwise'"):
+            train_iteration("joint", **bad)
     net = MultiLevelNet(2, features=(4, 4, 8, 8, 8, 4))
     batch = {"image": torch.rand(2, 3, 16, 16), "pseudo_label": torch.rand(2, 2, 16, 16).round()}
     before = [p.detach().clone() for p in net.parameters()]
@@ -237,3 +240,59 @@ def test_train_iteration_rejects_unknown_steps():
 
     with pytest.raises(ValueError, match="levelwise"):
         train_iteration("sideways")
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm; glibc malloc_trim")
+def test_release_freed_memory_returns_freed_heap_pages_to_the_os():
+    from gazemonai.engine import release_freed_memory
+
+    release_freed_memory()
+    # 3000 blocks of 64 KiB (below glibc's mmap threshold: heap), every third kept so that the heap
+    # cannot shrink from its top: the freed two thirds (~125 MiB) stay resident until released
+    blocks = [bytearray(64 * 1024) for _ in range(3000)]
+    kept = blocks[::3]
+    del blocks
+    before = _rss_mb()
+    assert release_freed_memory() is True
+    after = _rss_mb()
+    assert before - after > 80, (before, after)
+    assert len(kept) == 1000
+
+
+def test_levelwise_step_releases_memory_where_asked(monkeypatch):
+    """Each level's backward calls release_freed_memory once at the named submodule; bad names are named."""
+    from monai.engines import SupervisedTrainer
+
+    import gazemonai.engine as engine_mod
+    from gazemonai.losses import MultiLevelGazeLoss
+
+    calls = []
+    real = engine_mod.release_freed_memory
+    monkeypatch.setattr(engine_mod, "release_freed_memory", lambda: calls.append(1) or real())
+
+    def run(release_at):
+        net = MultiLevelNet(2, features=(4, 4, 8, 8, 8, 4))
+        batch = {"image": torch.rand(1, 3, 16, 16), "pseudo_label": torch.rand(1, 2, 16, 16).round()}
+        trainer = SupervisedTrainer(
+            device=torch.device("cpu"),
+            max_epochs=3,
+            train_data_loader=[batch],
+            network=net,
+            optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+            loss_function=MultiLevelGazeLoss(),
+            prepare_batch=engine_mod.MultiLevelPrepareBatch(output="train"),
+            iteration_update=engine_mod.train_iteration("levelwise", release_memory_at=release_at),
+            decollate=False,
+        )
+        trainer.run()
+        return trainer
+
+    run(["backbone.down_4"])
+    assert len(calls) == 3 * 2  # 3 iterations x 2 level passes; none in the peers' no-grad forward
+    with pytest.raises(ValueError, match="no submodule 'backbone.down_9'"):
+        run(["backbone.down_9"])
