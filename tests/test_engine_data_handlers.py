@@ -175,33 +175,42 @@ def test_levelwise_step_matches_the_joint_step(levels, step_in_backward, fused):
     assert torch.allclose(lw_pred["logits"], joint_pred["logits"], atol=1e-4)
 
 
-def test_step_in_backward_leaves_no_gradients_and_needs_the_levelwise_step():
+def _tiny_trainer(net, iteration_update, max_epochs=1, batch_size=2):
+    """MONAI's SupervisedTrainer on one random batch, with the multi-level gaze loss and plain SGD."""
     from monai.engines import SupervisedTrainer
 
-    from gazemonai.engine import MultiLevelPrepareBatch, train_iteration
+    from gazemonai.engine import MultiLevelPrepareBatch
     from gazemonai.losses import MultiLevelGazeLoss
 
-    for bad in ({"step_in_backward": True}, {"release_memory_at": ["backbone.down_4"]}):
-        with pytest.raises(ValueError, match="need train_step 'levelwise'"):
-            train_iteration("joint", **bad)
-    net = MultiLevelNet(2, features=(4, 4, 8, 8, 8, 4))
-    batch = {"image": torch.rand(2, 3, 16, 16), "pseudo_label": torch.rand(2, 2, 16, 16).round()}
-    before = [p.detach().clone() for p in net.parameters()]
-    grads_seen = []
-    for p in net.parameters():  # registered before the step's own hooks: sees each gradient first
-        p.register_post_accumulate_grad_hook(lambda p: grads_seen.append(p.grad is not None))
-    trainer = SupervisedTrainer(
+    batch = {
+        "image": torch.rand(batch_size, 3, 16, 16),
+        "pseudo_label": torch.rand(batch_size, 2, 16, 16).round(),
+    }
+    return SupervisedTrainer(
         device=torch.device("cpu"),
-        max_epochs=1,
+        max_epochs=max_epochs,
         train_data_loader=[batch],
         network=net,
         optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
         loss_function=MultiLevelGazeLoss(),
         prepare_batch=MultiLevelPrepareBatch(output="train"),
-        iteration_update=train_iteration("levelwise", step_in_backward=True),
+        iteration_update=iteration_update,
         decollate=False,
     )
-    trainer.run()
+
+
+def test_step_in_backward_leaves_no_gradients_and_needs_the_levelwise_step():
+    from gazemonai.engine import train_iteration
+
+    for bad in ({"step_in_backward": True}, {"release_memory_at": ["backbone.down_4"]}):
+        with pytest.raises(ValueError, match="need train_step 'levelwise'"):
+            train_iteration("joint", **bad)
+    net = MultiLevelNet(2, features=(4, 4, 8, 8, 8, 4))
+    before = [p.detach().clone() for p in net.parameters()]
+    grads_seen = []
+    for p in net.parameters():  # registered before the step's own hooks: sees each gradient first
+        p.register_post_accumulate_grad_hook(lambda p: grads_seen.append(p.grad is not None))
+    _tiny_trainer(net, train_iteration("levelwise", step_in_backward=True)).run()
     assert len(grads_seen) == len(before) and all(grads_seen)
     assert all(p.grad is None for p in net.parameters())  # each freed right after its update
     assert all(not torch.equal(b, p) for b, p in zip(before, net.parameters()) if p.dim() > 1)
@@ -210,25 +219,13 @@ def test_step_in_backward_leaves_no_gradients_and_needs_the_levelwise_step():
 def test_levelwise_step_refuses_distributed_data_parallel(tmp_path):
     """DDP reduces every parameter's gradient in each backward; the levelwise step reaches one level."""
     import torch.distributed as dist
-    from monai.engines import SupervisedTrainer
 
-    from gazemonai.engine import MultiLevelPrepareBatch, train_iteration
-    from gazemonai.losses import MultiLevelGazeLoss
+    from gazemonai.engine import train_iteration
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         net = torch.nn.parallel.DistributedDataParallel(MultiLevelNet(2, features=(4, 4, 8, 8, 8, 4)))
-        trainer = SupervisedTrainer(
-            device=torch.device("cpu"),
-            max_epochs=1,
-            train_data_loader=[{"image": torch.rand(1, 3, 16, 16), "pseudo_label": torch.rand(1, 2, 16, 16)}],
-            network=net,
-            optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
-            loss_function=MultiLevelGazeLoss(),
-            prepare_batch=MultiLevelPrepareBatch(output="train"),
-            iteration_update=train_iteration("levelwise"),
-            decollate=False,
-        )
+        trainer = _tiny_trainer(net, train_iteration("levelwise"))
         with pytest.raises(ValueError, match="use train_step 'joint' for multi-GPU"):
             trainer.run()
     finally:
@@ -266,10 +263,7 @@ def test_release_freed_memory_returns_freed_heap_pages_to_the_os():
 
 def test_levelwise_step_releases_memory_where_asked(monkeypatch):
     """Each level's backward calls release_freed_memory once at the named submodule; bad names are named."""
-    from monai.engines import SupervisedTrainer
-
     import gazemonai.engine as engine_mod
-    from gazemonai.losses import MultiLevelGazeLoss
 
     calls = []
     real = engine_mod.release_freed_memory
@@ -277,20 +271,8 @@ def test_levelwise_step_releases_memory_where_asked(monkeypatch):
 
     def run(release_at):
         net = MultiLevelNet(2, features=(4, 4, 8, 8, 8, 4))
-        batch = {"image": torch.rand(1, 3, 16, 16), "pseudo_label": torch.rand(1, 2, 16, 16).round()}
-        trainer = SupervisedTrainer(
-            device=torch.device("cpu"),
-            max_epochs=3,
-            train_data_loader=[batch],
-            network=net,
-            optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
-            loss_function=MultiLevelGazeLoss(),
-            prepare_batch=engine_mod.MultiLevelPrepareBatch(output="train"),
-            iteration_update=engine_mod.train_iteration("levelwise", release_memory_at=release_at),
-            decollate=False,
-        )
-        trainer.run()
-        return trainer
+        step = engine_mod.train_iteration("levelwise", release_memory_at=release_at)
+        _tiny_trainer(net, step, max_epochs=3, batch_size=1).run()
 
     run(["backbone.down_4"])
     assert len(calls) == 3 * 2  # 3 iterations x 2 level passes; none in the peers' no-grad forward
