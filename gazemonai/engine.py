@@ -151,8 +151,12 @@ class StepInBackward:
 
     @classmethod
     def attach(cls, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-        """Install the hooks on ``optimizer``'s parameters and return ``optimizer`` (for configs)."""
-        optimizer._gazemonai_step_in_backward = cls(optimizer)
+        """Install the hooks on ``optimizer``'s parameters and return ``optimizer`` (for configs).
+
+        Attaching an optimizer a second time does nothing (one step per gradient, not two).
+        """
+        if getattr(optimizer, "_gazemonai_step_in_backward", None) is None:
+            optimizer._gazemonai_step_in_backward = cls(optimizer)
         return optimizer
 
 
@@ -243,7 +247,7 @@ class LevelwiseTrainStep:
                 "the levelwise step cannot train a DistributedDataParallel network (each backward "
                 "reaches one level only); use train_step 'joint' for multi-GPU training"
             )
-        if self.step_in_backward and not hasattr(engine.optimizer, "_gazemonai_step_in_backward"):
+        if self.step_in_backward:
             StepInBackward.attach(engine.optimizer)
         self._hook_release_points(engine.network)
         inputs, targets, _, _ = engine.prepare_batch(
