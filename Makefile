@@ -45,7 +45,7 @@ $(MLBIN)/.installed: pyproject.toml Makefile
 	$(MLBIN)/python -m pip install --upgrade --quiet pip
 	$(MLBIN)/python -m pip install --quiet $(ML_TORCH) $(ML_DEPS)
 	$(MLBIN)/python -m pip install --quiet --no-deps monailabel==0.8.5 pydicom-seg==0.4.1 -e .
-	$(MLBIN)/python -c "import monailabel.main, monailabel.app, monailabel.tasks.infer.bundle, gazemonai.serving"
+	$(MLBIN)/python -c "import monailabel.main, monailabel.app, monailabel.tasks.infer.bundle, gazemonai.serve.staging"
 	touch $@
 
 monailabel-env: $(MLBIN)/.installed

@@ -25,12 +25,17 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gazemonai.gaze.dataset import read_ids  # noqa: E402
 from gazemonai.gaze.fixations import read_fixation_csv  # noqa: E402
 from gazemonai.gaze.levels import pseudo_mask_levels  # noqa: E402
-from gazemonai.gaze.pseudo_masks import PRESETS, dice_score, make_pseudo_masks  # noqa: E402
+from gazemonai.gaze.pseudo_masks import PRESETS, make_pseudo_masks  # noqa: E402
 from gazemonai.gaze.reference import reference_pseudo_masks  # noqa: E402
-from gazemonai.io import read_image, read_mask, resolve_in_folder  # noqa: E402
+from gazemonai.metrics import dice_score  # noqa: E402
+from gazemonai.prep.io import (  # noqa: E402
+    read_ids,  # noqa: E402
+    read_image,
+    read_mask,
+    resolve_in_folder,
+)
 
 
 def main(argv=None):

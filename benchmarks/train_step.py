@@ -1,11 +1,12 @@
 """One training step of the multi-level gaze loss: ours against the reference's unfold propagation.
 
 Each implementation runs in its own process (so peak RSS is its own), fp32, 2 threads, SGD step
-included, through MONAI's ``SupervisedTrainer``. Ours runs as ``paper_profile.json`` configures the
-bundles: the levelwise step (``--step levelwise``: same gradients, one level's activations at a
-time), torch's fused SGD stepping inside the backward pass, the freed memory released when the
-backward pass reaches the bottleneck (``--release-memory-at``), and the propagation of the
-classifier's logits without unfolding. The reference is GazeSup's formulation: copied levels,
+included, through MONAI's ``SupervisedTrainer``. Ours runs as ``paper_profile.json`` +
+``low_memory.json`` configure the bundles: the levelwise step (``--step levelwise``: same gradients,
+one level's activations at a time), torch's fused SGD stepping inside the backward pass, the freed
+memory released when the backward pass reaches each level's bottleneck (``--no-release-memory`` to
+turn off), and the propagation of the classifier's logits without unfolding
+(:mod:`gazemonai.train.low_memory`). The reference is GazeSup's formulation: copied levels,
 features unfolded and propagated, then classified, torch's default SGD, MONAI's joint iteration.
 ``--impl both`` (default) runs ours then the reference at the same settings and prints,
 as the last line, one JSON object::
@@ -43,15 +44,15 @@ def measure(
     step_in_backward: bool,
     step: str,
     fused: bool,
-    release_memory_at: str,
+    release_memory: bool,
 ) -> dict:
     import torch
     from ignite.engine import Events
     from monai.engines import SupervisedTrainer
 
-    from gazemonai.engine import MultiLevelPrepareBatch, train_iteration
-    from gazemonai.losses import MultiLevelGazeLoss
-    from gazemonai.networks import MultiLevelNet, feature_propagation_unfold
+    from gazemonai.train.engine import MultiLevelPrepareBatch, train_iteration
+    from gazemonai.train.losses import MultiLevelGazeLoss
+    from gazemonai.train.networks import MultiLevelNet, feature_propagation_unfold
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -82,7 +83,7 @@ def measure(
         prepare_batch=MultiLevelPrepareBatch(output="train"),
         iteration_update=train_iteration("joint")
         if ref
-        else train_iteration(step, step_in_backward, [m for m in release_memory_at.split(",") if m]),
+        else train_iteration(step, step_in_backward, release_memory),
         optim_set_to_none=True,
         decollate=False,
     )
@@ -119,13 +120,14 @@ def main(argv=None):
         "--no-fused", dest="fused", action="store_false", help="ours: torch's default SGD (not fused)"
     )
     ap.add_argument(
-        "--release-memory-at",
-        default="backbone.down_4",
-        help="ours, levelwise: level submodules where backward releases freed memory ('' for none)",
+        "--no-release-memory",
+        dest="release_memory",
+        action="store_false",
+        help="ours, levelwise: do not release freed memory when backward reaches each level's bottleneck",
     )
     args = ap.parse_args(argv)
     if args.step == "joint":  # MONAI's joint iteration as it is
-        args.step_in_backward, args.release_memory_at = False, ""
+        args.step_in_backward, args.release_memory = False, False
     features = [int(f) for f in args.features.split(",")]
     opts = dict(
         levels=args.levels,
@@ -137,18 +139,18 @@ def main(argv=None):
         step_in_backward=args.step_in_backward,
         step=args.step,
         fused=args.fused,
-        release_memory_at=args.release_memory_at,
+        release_memory=args.release_memory,
     )
     if args.impl != "both":
         print(json.dumps(measure(args.impl, **opts)))
         return
     res = {}
     for impl in ("ours", "reference"):
-        flags = {k: v for k, v in vars(args).items() if k not in ("impl", "step_in_backward", "fused")}
+        switches = ("step_in_backward", "fused", "release_memory")
+        flags = {k: v for k, v in vars(args).items() if k not in ("impl", *switches)}
         cmd = [sys.executable, __file__, "--impl", impl]
         cmd += [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
-        cmd += [] if args.step_in_backward else ["--no-step-in-backward"]
-        cmd += [] if args.fused else ["--no-fused"]
+        cmd += [f"--no-{k.replace('_', '-')}" for k in switches if not getattr(args, k)]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         res[impl] = json.loads(out)
     result = {
@@ -172,7 +174,7 @@ def main(argv=None):
         "batch": args.batch,
         "step_in_backward": args.step_in_backward,
         "fused": args.fused,
-        "release_memory_at": args.release_memory_at,
+        "release_memory": args.release_memory,
         "step": args.step,
     }
     print(json.dumps(result))

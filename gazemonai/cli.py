@@ -18,7 +18,7 @@ import json
 import logging
 import sys
 
-from .gaze.fixations import FixationFormatError
+from .errors import GazemonaiError, InvalidInputError
 
 __all__ = ["main", "prepare_slices", "pseudo_masks", "register", "simulate_gaze"]
 
@@ -32,7 +32,10 @@ def _floats(value) -> tuple[float, ...] | None:
         return (float(value),)
     if isinstance(value, str):
         value = value.strip("[]() ").split(",")
-    return tuple(float(v) for v in value)
+    try:
+        return tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"--thresholds must be numbers separated by commas, got {value!r}") from None
 
 
 def pseudo_masks(
@@ -81,11 +84,12 @@ def pseudo_masks(
         no_maps: write only the pseudo-masks, not the heatmap/refined maps.
         quiet: no progress bar.
     """
-    from .gaze.dataset import read_ids, run_pseudo_masks
+    from .gaze.dataset import run_pseudo_masks
     from .gaze.pseudo_masks import PRESETS
+    from .prep.io import read_ids
 
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
+        raise InvalidInputError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
     config = PRESETS[preset].replace(thresholds=_floats(thresholds), sigma=sigma, heatmap_mode=heatmap_mode)
     if max_side is not None:
         config = config.replace(max_side=int(max_side))
@@ -122,6 +126,8 @@ def _format_summary(s: dict, out: str) -> str:
     ]
     for name, v in s["dice_vs_gt"].items():
         lines.append(f"  {name} (threshold {v['threshold']}): mean Dice vs GT {v['mean_dice']:.4f}")
+    if s["dice_vs_gt"]:
+        lines.append(f"  ({s['dice_convention']})")
     if s["gaze_size_mismatch"]:
         lines.append(
             f"  note: {s['gaze_size_mismatch']} image(s) differ in size from IMAGE_HEIGHT/WIDTH of the CSV"
@@ -142,8 +148,8 @@ def simulate_gaze(
         split: file of ids (one per line) to simulate; default every mask in the folder.
         image_suffix: extension to record in IMAGE (default: the mask's file name), e.g. ".jpg".
     """
-    from .gaze.dataset import read_ids
     from .gaze.simulate import GazeSimulator, simulate_gaze_folder
+    from .prep.io import read_ids
 
     ids = read_ids(split) if split else None
     summary = simulate_gaze_folder(
@@ -177,10 +183,10 @@ def register(
         run_id: log into this existing run (e.g. the training run) instead of a new one.
         experiment_name: experiment of the new run.
     """
-    from .registry import register_bundle
+    from .serve.registry import register_bundle
 
     if override is not None and not isinstance(override, dict):
-        raise ValueError(
+        raise InvalidInputError(
             f"--override must be a dict such as \"{{'image_size': [96, 96]}}\", got {override!r}"
         )
     info = register_bundle(
@@ -224,17 +230,19 @@ def prepare_slices(
         seed: split seed.
         test_patients: comma-separated patient ids for test.txt instead of a seeded split.
     """
-    from .slices import nci_isbi_cases, nifti_cases
-    from .slices import prepare_slices as run
+    from .prep.slices import nci_isbi_cases, nifti_cases
+    from .prep.slices import prepare_slices as run
 
     nifti = nifti_images is not None or nifti_masks is not None
     dicom = dicom_root is not None or labels_root is not None
     if nifti == dicom:
-        raise ValueError("give either --nifti-images and --nifti-masks, or --dicom-root and --labels-root")
+        raise InvalidInputError(
+            "give either --nifti-images and --nifti-masks, or --dicom-root and --labels-root"
+        )
     if nifti and not (nifti_images and nifti_masks):
-        raise ValueError("--nifti-images and --nifti-masks go together")
+        raise InvalidInputError("--nifti-images and --nifti-masks go together")
     if dicom and not (dicom_root and labels_root):
-        raise ValueError("--dicom-root and --labels-root go together")
+        raise InvalidInputError("--dicom-root and --labels-root go together")
     cases = nifti_cases(nifti_images, nifti_masks) if nifti else nci_isbi_cases(dicom_root, labels_root)
     if isinstance(test_patients, str):
         test_patients = [p.strip() for p in test_patients.split(",") if p.strip()]
@@ -263,9 +271,10 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         fire.Fire(COMMANDS, command=argv, name="gazemonai")
-    except (FixationFormatError, FileNotFoundError, ValueError) as e:
+    except GazemonaiError as e:  # the user's input or settings; anything else is a bug: traceback
+        logger.debug("error details", exc_info=True)
         print(f"gazemonai: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(2) from e
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .gaze.dataset import run_pseudo_masks
 from .gaze.simulate import GazeSimulator, simulate_gaze_folder
-from .synthetic import make_synthetic_dataset
+from .prep.synthetic import make_synthetic_dataset
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "kvasir_gaze" / "configs"
 

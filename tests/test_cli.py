@@ -5,10 +5,10 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import KVASIR, KVASIR_CSV, need
+from helpers import KVASIR, KVASIR_CSV, need
 from PIL import Image
 
-from gazemonai.io import read_map_png
+from gazemonai.prep.io import read_map_png
 
 
 def run(*args, check_rc=0):
@@ -18,6 +18,12 @@ def run(*args, check_rc=0):
     if check_rc is not None:
         assert proc.returncode == check_rc, proc.stdout + proc.stderr
     return proc
+
+
+def pseudo_masks(dataset, out, *extra, check_rc=0):
+    """``gazemonai pseudo-masks`` on a data set folder with its gaze.csv."""
+    args = ["--data-root", dataset, "--gaze-csv", dataset / "gaze.csv", "--out", out, *extra]
+    return run("pseudo-masks", *args, check_rc=check_rc)
 
 
 def last_json(proc):
@@ -181,3 +187,36 @@ def test_held_out_test_images_are_counted_skips(tmp_path):
     )
     s = last_json(p)
     assert s["done"] == 0 and s["skipped_missing"] == 100
+
+
+def test_only_the_projects_own_errors_become_exit_2(monkeypatch, capsys):
+    """A user's bad input: one line, exit 2, the cause kept. Anything else is a bug: its traceback."""
+    from gazemonai import cli
+    from gazemonai.errors import InvalidInputError
+
+    def bad_input():
+        try:
+            int("x")
+        except ValueError as e:
+            raise InvalidInputError("--size: 'x' is not a number") from e
+
+    def bug():
+        raise ValueError("an internal invariant broke")
+
+    monkeypatch.setitem(cli.COMMANDS, "bad-input", bad_input)
+    monkeypatch.setitem(cli.COMMANDS, "bug", bug)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bad-input"])
+    assert exit_info.value.code == 2
+    assert isinstance(exit_info.value.__cause__, InvalidInputError)
+    assert isinstance(exit_info.value.__cause__.__cause__, ValueError)  # the cause is kept
+    assert capsys.readouterr().err.strip() == "gazemonai: error: --size: 'x' is not a number"
+    with pytest.raises(ValueError, match="internal invariant"):  # not turned into "bad input"
+        cli.main(["bug"])
+
+
+def test_a_bad_threshold_list_is_a_clear_error(dataset, tmp_path):
+    p = pseudo_masks(dataset, tmp_path / "o", "--thresholds", "0.5,abc", check_rc=2)
+    assert "--thresholds must be numbers" in p.stderr and "Traceback" not in p.stderr
+    p = pseudo_masks(dataset, tmp_path / "o", "--split", tmp_path / "no_such_split.txt", check_rc=2)
+    assert "split file not found" in p.stderr and "no_such_split.txt" in p.stderr

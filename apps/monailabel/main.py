@@ -33,8 +33,8 @@ from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 from monailabel.tasks.infer.bundle import BundleInferTask
 
-from gazemonai.serving import stage_bundle
-from gazemonai.transforms import SaveMaskd
+from gazemonai.serve.staging import stage_bundle
+from gazemonai.train.transforms import SaveMaskd
 
 logger = logging.getLogger(__name__)
 

@@ -36,11 +36,21 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import IMAGE_EXTENSIONS, ImageReadError, read_image, read_mask, resolve_in_folder, write_png
-from .fixations import ImageFixations, read_fixation_csv, validate_image_name
-from .pseudo_masks import PseudoMaskConfig, dice_score, make_pseudo_masks
+from ..errors import InvalidInputError, MissingInputError
+from ..metrics import EMPTY_CONVENTION, dice_score
+from ..prep.io import (
+    IMAGE_EXTENSIONS,
+    ImageReadError,
+    read_image,
+    read_mask,
+    resolve_in_folder,
+    validate_image_name,
+    write_png,
+)
+from .fixations import ImageFixations, read_fixation_csv
+from .pseudo_masks import PseudoMaskConfig, make_pseudo_masks
 
-__all__ = ["PseudoMaskJob", "run_pseudo_masks", "level_dirs", "read_ids"]
+__all__ = ["PseudoMaskJob", "run_pseudo_masks", "level_dirs"]
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +165,7 @@ def run_pseudo_masks(
     data_root, out_dir = Path(data_root), Path(out_dir)
     img_folder = data_root / images_dir
     if not img_folder.is_dir():
-        raise FileNotFoundError(f"image folder not found: {img_folder}")
+        raise MissingInputError(f"image folder not found: {img_folder}")
     mask_folder = data_root / masks_dir if masks_dir else None
     if mask_folder is not None and not mask_folder.is_dir():
         mask_folder = None
@@ -184,7 +194,7 @@ def run_pseudo_masks(
         fx = by_stem.get(stem)
         if fx is None:
             if strict:
-                raise ValueError(f"{gaze_csv}: no fixations for image {stem!r}")
+                raise InvalidInputError(f"{gaze_csv}: no fixations for image {stem!r}")
             skipped["no_gaze"].append(stem)
             continue
         try:
@@ -269,6 +279,7 @@ def run_pseudo_masks(
         "failed": len(failed),
         "images_with_gt": len(with_gt),
         "dice_vs_gt": dice,
+        "dice_convention": EMPTY_CONVENTION if dice else None,
         "gaze_size_mismatch": sum(1 for r in done if "gaze_size" in r),
         "seconds": round(elapsed, 2),
         "s_per_image": round(elapsed / max(1, len(new_records)), 4),
@@ -294,9 +305,3 @@ def run_pseudo_masks(
     tmp.write_text(json.dumps(manifest, indent=2))
     os.replace(tmp, out_dir / "manifest.json")
     return summary
-
-
-def read_ids(path: str | os.PathLike) -> list[str]:
-    """Ids of a split file (one per line, blank lines ignored)."""
-    with open(path) as f:
-        return [line.strip() for line in f if line.strip()]

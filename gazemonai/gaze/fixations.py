@@ -15,12 +15,14 @@ from __future__ import annotations
 import csv
 import math
 import os
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from ..errors import FixationFormatError, MissingInputError
+from ..prep.io import validate_image_name
 
 __all__ = [
     "REQUIRED_COLUMNS",
@@ -54,10 +56,6 @@ ALL_COLUMNS = (
     "IMAGE_HEIGHT",
     "IMAGE_WIDTH",
 )
-
-
-class FixationFormatError(ValueError):
-    """A fixation CSV that does not follow the schema; the message names file, row and problem."""
 
 
 @dataclass
@@ -99,31 +97,6 @@ class ImageFixations:
         return np.concatenate([self.xy, self.duration[:, None]], axis=1)
 
 
-def validate_image_name(name: str, where: str = "") -> str:
-    """Check that an ``IMAGE`` value is a plain file name that cannot escape the dataset folder.
-
-    Args:
-        name: the value to check.
-        where: prefix for the error message (file and row).
-
-    Raises:
-        FixationFormatError: when the name is empty, absolute, contains a path separator or is ``..``.
-    """
-    prefix = f"{where}: " if where else ""
-    if not name or not name.strip():
-        raise FixationFormatError(f"{prefix}IMAGE is empty")
-    parts = re.split(r"[\\/]", name)
-    if ".." in parts or name == ".":
-        raise FixationFormatError(f"{prefix}IMAGE {name!r} refers outside the dataset folder")
-    if len(parts) > 1 or (os.altsep and os.altsep in name) or os.sep in name:
-        raise FixationFormatError(
-            f"{prefix}IMAGE {name!r} contains a path separator; only file names are allowed"
-        )
-    if "\x00" in name:
-        raise FixationFormatError(f"{prefix}IMAGE {name!r} contains a NUL byte")
-    return name
-
-
 def _number(value: str | None, column: str, where: str) -> float:
     if value is None or value.strip() == "":
         raise FixationFormatError(f"{where}: {column} is empty")
@@ -158,7 +131,7 @@ def read_fixation_csv(
         ``CURRENT_FIX_INDEX``.
 
     Raises:
-        FileNotFoundError: when the file does not exist.
+        MissingInputError: when the file does not exist (a ``FileNotFoundError``).
         FixationFormatError: for an empty file, missing columns, a non-numeric/NaN/infinite value, a
             coordinate outside [0, 1], a non-positive duration or image size, an IMAGE with a path
             separator or ``..``, duplicated fixation indices, or image sizes that change between
@@ -166,7 +139,7 @@ def read_fixation_csv(
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"fixation CSV not found: {path}")
+        raise MissingInputError(f"fixation CSV not found: {path}")
     wanted = None
     if images is not None:
         wanted = set()

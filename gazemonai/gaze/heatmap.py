@@ -23,6 +23,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..errors import InvalidInputError
+
 __all__ = ["gaze_heatmap", "fixation_canvas_indices", "KVASIR_SIGMA", "NCI_ISBI_SIGMA", "DEFAULT_CANVAS"]
 
 KVASIR_SIGMA = 70.0
@@ -71,7 +73,9 @@ def _profiles(centres: np.ndarray, positions: np.ndarray, size: int, sigma: floa
 def _minmax(a: np.ndarray) -> np.ndarray:
     lo, hi = float(a.min()), float(a.max())
     if not hi > lo:
-        raise ValueError("the heatmap is constant (no fixation landed on the canvas); cannot normalise it")
+        raise InvalidInputError(
+            "the heatmap is constant (no fixation landed on the canvas); cannot normalise it"
+        )
     return (a - lo) / (hi - lo)
 
 
@@ -112,26 +116,26 @@ def gaze_heatmap(
     """
     fixations = np.asarray(fixations, dtype=np.float64)
     if fixations.ndim != 2 or fixations.shape[1] not in (2, 3):
-        raise ValueError(
+        raise InvalidInputError(
             f"fixations must be an (N, 3) array of (x, y, duration), got shape {fixations.shape}"
         )
     if fixations.shape[0] == 0:
-        raise ValueError("no fixations: a heatmap needs at least one")
+        raise InvalidInputError("no fixations: a heatmap needs at least one")
     if weight == "duration":
         if fixations.shape[1] != 3:
-            raise ValueError("weight='duration' needs (N, 3) fixations with durations")
+            raise InvalidInputError("weight='duration' needs (N, 3) fixations with durations")
         w = fixations[:, 2]
         if np.any(~np.isfinite(w)) or np.any(w <= 0):
-            raise ValueError("fixation durations must be positive and finite")
+            raise InvalidInputError("fixation durations must be positive and finite")
     elif weight == "count":
         w = np.ones(fixations.shape[0])
     else:
-        raise ValueError(f"weight must be 'duration' or 'count', got {weight!r}")
+        raise InvalidInputError(f"weight must be 'duration' or 'count', got {weight!r}")
     if not np.all(np.isfinite(fixations[:, :2])) or fixations[:, :2].min() < 0 or fixations[:, :2].max() > 1:
-        raise ValueError("fixation coordinates must be finite and within [0, 1]")
+        raise InvalidInputError("fixation coordinates must be finite and within [0, 1]")
     h, w_out = int(size[0]), int(size[1])
     if h <= 0 or w_out <= 0:
-        raise ValueError(f"size must be positive, got {size}")
+        raise InvalidInputError(f"size must be positive, got {size}")
     ch, cw = int(canvas[0]), int(canvas[1])
     rows, cols = fixation_canvas_indices(fixations[:, :2], (ch, cw))
 
@@ -147,4 +151,4 @@ def gaze_heatmap(
         gy = _profiles(rows, ys, ch, sigma)
         gx = _profiles(cols, xs, cw, sigma)
         return _minmax((gy * w[None, :]) @ gx.T).astype(np.float32)
-    raise ValueError(f"mode must be 'fast' or 'reference', got {mode!r}")
+    raise InvalidInputError(f"mode must be 'fast' or 'reference', got {mode!r}")

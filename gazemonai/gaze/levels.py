@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..errors import InvalidInputError
+
 __all__ = ["pseudo_mask_levels", "LEVEL_THRESHOLDS", "KVASIR_THRESHOLDS", "PROSTATE_THRESHOLDS"]
 
 KVASIR_THRESHOLDS = (0.5, 0.3)
@@ -37,11 +39,11 @@ def pseudo_mask_levels(prob: np.ndarray, thresholds: Sequence[float] = KVASIR_TH
     if p.ndim == 3 and p.shape[0] == 1:
         p = p[0]
     if p.ndim != 2:
-        raise ValueError(f"prob must be (H, W), got shape {p.shape}")
+        raise InvalidInputError(f"prob must be (H, W), got shape {p.shape}")
     ts = [float(t) for t in thresholds]
     if not ts:
-        raise ValueError("at least one threshold is needed")
+        raise InvalidInputError("at least one threshold is needed")
     for t in ts:
         if not 0.0 < t <= 1.0:
-            raise ValueError(f"thresholds must be in (0, 1], got {t}")
+            raise InvalidInputError(f"thresholds must be in (0, 1], got {t}")
     return np.stack([(p >= t) for t in ts]).astype(np.uint8)

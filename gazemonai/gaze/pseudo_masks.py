@@ -17,7 +17,7 @@ from .heatmap import DEFAULT_CANVAS, KVASIR_SIGMA, NCI_ISBI_SIGMA, gaze_heatmap
 from .levels import KVASIR_THRESHOLDS, PROSTATE_THRESHOLDS, pseudo_mask_levels
 from .refine import CRF_DEFAULTS, crf_refine
 
-__all__ = ["PseudoMaskConfig", "PseudoMasks", "PRESETS", "make_pseudo_masks", "dice_score"]
+__all__ = ["PseudoMaskConfig", "PseudoMasks", "PRESETS", "make_pseudo_masks"]
 
 
 @dataclass(frozen=True)
@@ -112,11 +112,3 @@ def make_pseudo_masks(image: np.ndarray, fixations: np.ndarray, config: PseudoMa
     else:
         refined = heat
     return PseudoMasks(heat, refined, pseudo_mask_levels(refined, config.thresholds))
-
-
-def dice_score(pred: np.ndarray, target: np.ndarray) -> float:
-    """Dice of two binary arrays; 1.0 when both are empty."""
-    p = np.asarray(pred, dtype=bool)
-    t = np.asarray(target, dtype=bool)
-    denom = p.sum() + t.sum()
-    return 1.0 if denom == 0 else float(2.0 * np.logical_and(p, t).sum() / denom)

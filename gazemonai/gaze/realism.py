@@ -7,10 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import read_image, read_mask, resolve_in_folder
-from .dataset import read_ids
+from ..errors import InvalidInputError
+from ..metrics import dice_score
+from ..prep.io import read_ids, read_image, read_mask, resolve_in_folder
 from .fixations import ImageFixations, read_fixation_csv
-from .pseudo_masks import PRESETS, dice_score, make_pseudo_masks
+from .pseudo_masks import PRESETS, make_pseudo_masks
 from .simulate import GazeSimulator
 
 __all__ = ["fraction_inside", "gaze_realism"]
@@ -39,7 +40,7 @@ def gaze_realism(
     ids = read_ids(root / split) if split else sorted(fixations)
     ids = [i for i in ids if i in fixations][:limit]
     if not ids:
-        raise ValueError(f"no image of {split} has fixations in {gaze_csv}")
+        raise InvalidInputError(f"no image of {split} has fixations in {gaze_csv}")
     sim = simulator or GazeSimulator(seed=seed)
     config = PRESETS[preset]
     out = {k: {"inside": [], "dice": {t: [] for t in config.thresholds}} for k in ("real", "sim")}

@@ -18,6 +18,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..errors import InvalidInputError
+
 __all__ = ["crf_refine", "to_rgb_uint8", "CRF_DEFAULTS"]
 
 #: The GazeSup recipe's parameters.
@@ -43,11 +45,13 @@ def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
     if a.ndim == 3 and a.shape[2] == 4:
         a = a[..., :3]
     if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] != 3):
-        raise ValueError(f"image must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4); got shape {a.shape}")
+        raise InvalidInputError(
+            f"image must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4); got shape {a.shape}"
+        )
     if a.ndim == 2 or a.dtype != np.uint8:
         a = a.astype(np.float64)
         if not np.all(np.isfinite(a)):
-            raise ValueError("image contains NaN or infinite values")
+            raise InvalidInputError("image contains NaN or infinite values")
         lo, hi = a.min(), a.max()
         if a.ndim == 3 and lo >= 0.0 and hi <= 1.0:
             a = a * 255.0
@@ -102,11 +106,11 @@ def crf_refine(
     if p.ndim == 3 and p.shape[0] == 1:
         p = p[0]
     if p.shape != rgb.shape[:2]:
-        raise ValueError(f"probability map shape {p.shape} differs from the image's {rgb.shape[:2]}")
+        raise InvalidInputError(f"probability map shape {p.shape} differs from the image's {rgb.shape[:2]}")
     if not np.all(np.isfinite(p)):
-        raise ValueError("probability map contains NaN or infinite values")
+        raise InvalidInputError("probability map contains NaN or infinite values")
     if iterations < 1:
-        raise ValueError(f"iterations must be >= 1, got {iterations}")
+        raise InvalidInputError(f"iterations must be >= 1, got {iterations}")
     h, w = p.shape
     scale = 1.0
     if max_side is not None and max(h, w) > max_side:

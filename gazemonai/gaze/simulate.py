@@ -27,7 +27,9 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from .fixations import ImageFixations, validate_image_name
+from ..errors import InvalidInputError, MissingInputError
+from ..prep.io import IMAGE_EXTENSIONS, read_mask, resolve_in_folder, validate_image_name
+from .fixations import ImageFixations, write_fixation_csv
 
 __all__ = ["GazeSimulator", "simulate_fixations", "simulate_gaze_folder"]
 
@@ -91,7 +93,7 @@ class GazeSimulator:
         if m.ndim == 3 and 1 in (m.shape[0], m.shape[-1]):
             m = m.reshape(m.shape[1:] if m.shape[0] == 1 else m.shape[:-1])
         if m.ndim != 2 or m.size == 0:
-            raise ValueError(
+            raise InvalidInputError(
                 f"{image}: mask must be a non-empty 2-D array, got shape {np.asarray(mask).shape}"
             )
         m = m > 0
@@ -194,19 +196,16 @@ def simulate_gaze_folder(
     Returns:
         counts: images written, fixations, and unreadable masks (which raise: nothing is dropped).
     """
-    from ..io import IMAGE_EXTENSIONS, read_mask, resolve_in_folder
-    from .fixations import write_fixation_csv
-
     simulator = simulator or GazeSimulator()
     folder = Path(masks_dir)
     if not folder.is_dir():
-        raise FileNotFoundError(f"mask folder not found: {folder}")
+        raise MissingInputError(f"mask folder not found: {folder}")
     if ids is None:
         files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     else:
         files = [resolve_in_folder(folder, i.strip()) for i in ids if i.strip()]
     if not files:
-        raise ValueError(f"no mask images in {folder}")
+        raise InvalidInputError(f"no mask images in {folder}")
     tables = []
     for p in files:
         name = p.name if image_suffix is None else p.stem + image_suffix

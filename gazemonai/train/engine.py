@@ -1,0 +1,140 @@
+"""Engine pieces the bundles' MONAI trainers and evaluators use.
+
+* :func:`num_levels` / :func:`level_label_key`: one ``supervision`` switch (``gaze`` or ``full``).
+* :class:`MultiLevelPrepareBatch` hands the trainer/evaluator the image, the level targets and the
+  network output mode (``output="train"`` for the loss, ``"stack"`` for per-level evaluation).
+* :class:`AutocastInferer`: the network under ``torch.autocast`` on any device (bf16 on CPUs too).
+* :func:`train_iteration`: the trainer's iteration for a ``train_step`` setting: MONAI's own
+  (``"joint"``, the default) or the opt-in levelwise step of :mod:`gazemonai.train.low_memory`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from monai.engines import PrepareBatch
+from monai.inferers import SimpleInferer
+from monai.utils import CommonKeys
+
+from ..errors import InvalidInputError
+
+__all__ = [
+    "MultiLevelPrepareBatch",
+    "AutocastInferer",
+    "train_iteration",
+    "num_levels",
+    "level_label_key",
+    "SUPERVISION_MODES",
+]
+
+SUPERVISION_MODES = ("gaze", "full")
+
+
+def _check_mode(supervision: str) -> str:
+    if supervision not in SUPERVISION_MODES:
+        raise InvalidInputError(f"supervision must be one of {SUPERVISION_MODES}, got {supervision!r}")
+    return supervision
+
+
+def num_levels(supervision: str, thresholds: Sequence[float]) -> int:
+    """Level networks for a supervision mode: one per threshold with gaze, one with full masks."""
+    return len(thresholds) if _check_mode(supervision) == "gaze" else 1
+
+
+def level_label_key(supervision: str, pseudo_key: str = "pseudo_label", label_key: str = "label") -> str:
+    """The data key the training loss reads: the stacked pseudo-masks with gaze, the mask with full."""
+    return pseudo_key if _check_mode(supervision) == "gaze" else label_key
+
+
+class MultiLevelPrepareBatch(PrepareBatch):
+    """Batch preparation for :class:`~gazemonai.train.networks.MultiLevelNet` in a MONAI engine.
+
+    Returns ``(image, target, (), {"output": output})`` so the engine's inferer calls
+    ``network(image, output=output)``.
+
+    Args:
+        label_key: the target key: ``"pseudo_label"`` (B, N, H, W) for gaze, ``"label"`` for full
+            masks and for evaluation against ground truth.
+        image_key: the image key.
+        output: network output mode (``"train"`` for the loss, ``"stack"`` for per-level metrics,
+            ``"ensemble"`` for plain prediction).
+    """
+
+    def __init__(
+        self, label_key: str = "pseudo_label", image_key: str = CommonKeys.IMAGE, output: str = "train"
+    ):
+        self.label_key = label_key
+        self.image_key = image_key
+        self.output = output
+
+    def __call__(
+        self, batchdata: dict, device: str | torch.device | None = None, non_blocking: bool = False, **kwargs
+    ):
+        if self.label_key not in batchdata:
+            raise KeyError(f"batch has no {self.label_key!r} (keys: {', '.join(map(str, batchdata))})")
+        image = batchdata[self.image_key].to(device=device, non_blocking=non_blocking, **kwargs)
+        target = batchdata[self.label_key].to(device=device, non_blocking=non_blocking, **kwargs)
+        return image, target, (), {"output": self.output}
+
+
+def _to_float(x):
+    if isinstance(x, torch.Tensor):
+        return x.float() if x.is_floating_point() else x
+    if isinstance(x, dict):
+        return {k: _to_float(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_float(v) for v in x)
+    return x
+
+
+class AutocastInferer(SimpleInferer):
+    """``SimpleInferer`` under ``torch.autocast`` on the input's device, outputs returned as float32.
+
+    MONAI's engines autocast on CUDA only (``amp=True``); this also runs bfloat16 on CPUs with
+    native bf16 instructions (AVX512-BF16, AMX), where it measured 1.4-2x faster per training step.
+
+    Args:
+        dtype: ``"bfloat16"``, ``"float16"``, or ``None``/``"float32"`` for no autocast.
+    """
+
+    def __init__(self, dtype: str | None = "bfloat16") -> None:
+        super().__init__()
+        self.dtype = None if dtype in (None, "float32", "none") else getattr(torch, dtype)
+
+    def __call__(self, inputs: torch.Tensor, network, *args, **kwargs):
+        if self.dtype is None:
+            return network(inputs, *args, **kwargs)
+        with torch.autocast(device_type=inputs.device.type, dtype=self.dtype):
+            out = network(inputs, *args, **kwargs)
+        return _to_float(out)
+
+
+def train_iteration(step: str = "joint", step_in_backward: bool = False, release_memory: bool = False):
+    """The trainer's ``iteration_update`` for a training-step mode (what bundle configs call).
+
+    Args:
+        step: ``"joint"`` (MONAI's default iteration: all levels forward, one loss, one backward;
+            returns ``None``) or ``"levelwise"``
+            (:class:`~gazemonai.train.low_memory.LevelwiseTrainStep`: the same update, one level's
+            activations in memory at a time).
+        step_in_backward: levelwise only: the optimizer steps inside the backward pass, which saves
+            the memory of all gradients at once (see :mod:`gazemonai.train.low_memory`).
+        release_memory: levelwise only: return freed heap memory to the OS at each level's
+            bottleneck during backward (glibc).
+
+    Raises:
+        InvalidInputError: an unknown step, or a memory option without the levelwise step.
+    """
+    if step == "joint":
+        if step_in_backward or release_memory:
+            raise InvalidInputError(
+                "step_in_backward and release_memory need train_step 'levelwise' (MONAI's joint "
+                "iteration is used as it is)"
+            )
+        return None
+    if step == "levelwise":
+        from .low_memory import LevelwiseTrainStep
+
+        return LevelwiseTrainStep(step_in_backward=step_in_backward, release_memory=release_memory)
+    raise InvalidInputError(f"train_step must be 'levelwise' or 'joint', got {step!r}")

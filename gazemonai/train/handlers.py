@@ -1,0 +1,278 @@
+"""Ignite handlers and metrics for multi-level training: per-level Dice, reports, loss terms, checkpoints.
+
+The evaluators run :class:`~gazemonai.train.networks.MultiLevelNet` with ``output="stack"``, so each
+prediction has channel 0 = the ensemble (mean of the levels' logits) and channel ``k`` = level ``k``.
+After ``Activationsd(sigmoid)`` + ``AsDiscreted(threshold=0.5)`` the metrics here score each channel
+against the ground-truth mask with :func:`gazemonai.metrics.dice_iou` (Dice = IoU = 1.0 where the
+prediction and the ground truth are both empty; GazeSup's code: 0.0), on the tensors' device: an
+epoch's scores are read back to the host once, when they are reported.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import ignite.distributed as idist
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from ignite.metrics import Metric
+from monai.engines.utils import IterationEvents
+from monai.handlers import from_engine
+
+from ..metrics import EMPTY_CONVENTION, dice_iou
+
+__all__ = [
+    "ChannelDice",
+    "level_metrics",
+    "SegmentationReport",
+    "LossTerms",
+    "LatestCheckpoint",
+    "init_tracking_store",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def _channel_scores(output, channel: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image ``(dice, iou)`` tensors of prediction channel ``channel`` against the label.
+
+    ``output`` is ``(preds, labels)``: batch tensors (B, C, ...) and (B, 1, ...), or lists of
+    per-image (C, ...) and (1, ...) tensors, which may differ in size (evaluation at each image's own
+    size).
+    """
+    preds, labels = output
+    if isinstance(preds, torch.Tensor):
+        preds, labels = [preds], [labels]
+        batched = True
+    else:
+        preds = [p.unsqueeze(0) for p in preds]
+        labels = [t.unsqueeze(0) for t in labels]
+        batched = False
+    dice, iou = [], []
+    for p, t in zip(preds, labels):
+        if channel >= p.shape[1]:
+            raise ValueError(f"prediction has {p.shape[1]} channels; channel {channel} asked for")
+        t = t[:, 0] if t.dim() == p.dim() else t
+        d, j = dice_iou(p[:, channel], t, batch=True)
+        dice.append(d)
+        iou.append(j)
+    return (dice[0], iou[0]) if batched else (torch.cat(dice), torch.cat(iou))
+
+
+class ChannelDice(Metric):
+    """Mean per-image Dice (or IoU) of one channel of a binarised prediction against the label.
+
+    The scores are summed on the predictions' device; :meth:`compute` reads the sum once and
+    averages over every rank's images (each rank of a distributed run sees its shard).
+
+    Args:
+        channel: prediction channel (0 = ensemble, k = level k with ``output="stack"``).
+        iou: report IoU instead of Dice.
+        output_transform: picks ``(preds, labels)`` from the engine output.
+    """
+
+    def __init__(self, channel: int = 0, iou: bool = False, output_transform=None):
+        self.channel = int(channel)
+        self.iou = iou
+        super().__init__(output_transform=output_transform or from_engine(["pred", "label"]))
+
+    def reset(self) -> None:
+        self._sum: torch.Tensor | None = None
+        self._count = 0
+
+    def update(self, output) -> None:
+        dice, iou = _channel_scores(output, self.channel)
+        scores = (iou if self.iou else dice).sum()
+        self._sum = scores if self._sum is None else self._sum + scores
+        self._count += int(dice.shape[0])
+
+    def compute(self) -> float:
+        local = self._sum.double().cpu() if self._sum is not None else torch.zeros((), dtype=torch.float64)
+        total = idist.all_reduce(torch.stack([local, torch.tensor(float(self._count), dtype=torch.float64)]))
+        return float(total[0] / total[1]) if total[1] > 0 else float("nan")
+
+
+def level_metrics(num_levels: int, prefix: str = "val", iou: bool = False) -> dict[str, ChannelDice]:
+    """``{f"{prefix}_dice_level_{k}": ChannelDice(k)}`` for every level (and IoU ones with ``iou``)."""
+    out: dict[str, ChannelDice] = {}
+    for k in range(1, int(num_levels) + 1):
+        out[f"{prefix}_dice_level_{k}"] = ChannelDice(k)
+        if iou:
+            out[f"{prefix}_iou_level_{k}"] = ChannelDice(k, iou=True)
+    if iou:
+        out[f"{prefix}_mean_iou"] = ChannelDice(0, iou=True)
+    return out
+
+
+class SegmentationReport:
+    """Write per-image and mean Dice/IoU of the ensemble and every level to a JSON file.
+
+    Each image's scores stay on the device until the evaluation completes; the file also states the
+    empty-mask convention (:data:`gazemonai.metrics.EMPTY_CONVENTION`).
+
+    Args:
+        output_path: JSON file written when the evaluation completes.
+        id_key: batch key holding each image's id.
+        level_names: names of the prediction channels (default ``ensemble, level_1..``).
+    """
+
+    def __init__(self, output_path: str, id_key: str = "id", level_names: list[str] | None = None) -> None:
+        self.output_path = output_path
+        self.id_key = id_key
+        self.level_names = level_names
+        self.rows: list[tuple[str, list[str], torch.Tensor, torch.Tensor]] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self.rows.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
+
+    def _collect(self, engine: Engine) -> None:
+        batch, output = engine.state.batch, engine.state.output
+        for b, o in zip(batch, output):
+            pred, label = o["pred"], o["label"]
+            label = label[0] if label.dim() == pred.dim() else label
+            names = self.level_names or ["ensemble"] + [f"level_{k}" for k in range(1, pred.shape[0])]
+            dice, iou = dice_iou(pred[: len(names)], label.expand_as(pred[: len(names)]), batch=True)
+            self.rows.append((b.get(self.id_key, str(len(self.rows))), names, dice, iou))
+
+    def _write(self, engine: Engine) -> None:
+        if not self.rows:
+            return
+        rows = []
+        for image_id, names, dice, iou in self.rows:
+            row = {"id": image_id}
+            for name, d, j in zip(names, dice.tolist(), iou.tolist()):
+                row[name] = {"dice": d, "iou": j}
+            rows.append(row)
+        names = [k for k in rows[0] if k != "id"]
+        summary = {n: {m: float(np.mean([r[n][m] for r in rows])) for m in ("dice", "iou")} for n in names}
+        report = {
+            "images": len(rows),
+            "mean": summary,
+            "per_image": rows,
+            "empty_convention": EMPTY_CONVENTION,
+        }
+        Path(self.output_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(self.output_path).write_text(json.dumps(report, indent=2))
+        logger.info("metrics of %d images written to %s: %s", len(rows), self.output_path, summary)
+
+
+class LossTerms:
+    """Each training iteration's loss terms in the engine output, their epoch means in its metrics.
+
+    On ``LOSS_COMPLETED`` it puts ``loss_function.terms(pred, label)`` (per level: Dice, BCE,
+    consistency; detached tensors on the device) into ``engine.state.output["loss_terms"]`` unless the
+    iteration did already (:class:`~gazemonai.train.low_memory.LevelwiseTrainStep` does), sums them
+    on the device, and at the end of each epoch writes their means over the epoch (and over the ranks
+    of a distributed run) to ``engine.state.metrics`` as ``<prefix>_<term>`` (e.g.
+    ``train_loss_dice_1``), where ``StatsHandler`` and ``MLFlowHandler`` log them: one read from the
+    device per epoch.
+
+    Args:
+        loss_function: the trainer's :class:`~gazemonai.train.losses.MultiLevelGazeLoss`.
+        prefix: metric name prefix.
+    """
+
+    def __init__(self, loss_function, prefix: str = "train_loss") -> None:
+        self.loss_function = loss_function
+        self.prefix = prefix
+        self._sums: dict[str, torch.Tensor] = {}
+        self._count = 0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(IterationEvents.LOSS_COMPLETED, self._collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
+
+    def _reset(self, engine: Engine) -> None:
+        self._sums, self._count = {}, 0
+
+    def _collect(self, engine: Engine) -> None:
+        out = engine.state.output
+        if "loss_terms" not in out:
+            out["loss_terms"] = self.loss_function.terms(out["pred"], out["label"])
+        for name, value in out["loss_terms"].items():
+            value = value.detach().double()
+            value = value.as_tensor() if hasattr(value, "as_tensor") else value
+            self._sums[name] = self._sums[name] + value if name in self._sums else value
+        self._count += 1
+
+    def _write(self, engine: Engine) -> None:
+        if not self._count:
+            return
+        names = list(self._sums)
+        sums = torch.stack([self._sums[n] for n in names]).cpu()
+        totals = idist.all_reduce(torch.cat([sums, torch.tensor([float(self._count)], dtype=torch.float64)]))
+        for name, value in zip(names, (totals[:-1] / totals[-1]).tolist()):
+            engine.state.metrics[f"{self.prefix}_{name}"] = value
+
+
+class LatestCheckpoint:
+    """Save the training state every epoch to one file and resume from it when a run starts.
+
+    Args:
+        save_path: checkpoint file (e.g. ``models/latest.pt``), replaced atomically each epoch.
+        save_dict: objects with ``state_dict``/``load_state_dict`` (network, optimizer, scheduler);
+            the trainer's own state (epoch, iteration) is added as ``"trainer"``.
+        resume: load ``save_path`` at start when it exists.
+    """
+
+    def __init__(self, save_path: str, save_dict: dict, resume: bool = True) -> None:
+        self.save_path = Path(save_path)
+        self.save_dict = save_dict
+        self.resume = resume
+
+    def attach(self, engine: Engine) -> None:
+        if self.resume:
+            engine.add_event_handler(Events.STARTED, self._load)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._save)
+
+    def _load(self, engine: Engine) -> None:
+        if not self.save_path.is_file():
+            return
+        ckpt = torch.load(self.save_path, map_location="cpu", weights_only=False)
+        for k, obj in self.save_dict.items():
+            if k in ckpt:
+                obj.load_state_dict(ckpt[k])
+        state = ckpt.get("trainer", {})
+        engine.state.epoch = int(state.get("epoch", 0))
+        engine.state.iteration = int(state.get("iteration", 0))
+        logger.info("resumed from %s at epoch %d", self.save_path, engine.state.epoch)
+        if engine.state.epoch >= engine.state.max_epochs:
+            logger.info("training already complete (%d epochs)", engine.state.epoch)
+            engine.terminate()
+
+    def _save(self, engine: Engine) -> None:
+        ckpt = {k: obj.state_dict() for k, obj in self.save_dict.items()}
+        ckpt["trainer"] = {"epoch": engine.state.epoch, "iteration": engine.state.iteration}
+        self.save_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.save_path.with_name(self.save_path.name + ".tmp")
+        torch.save(ckpt, tmp)
+        os.replace(tmp, self.save_path)
+
+
+def init_tracking_store(tracking_uri: str) -> str:
+    """Create or upgrade the MLflow store once, on rank 0, before other ranks open it.
+
+    Every rank of a distributed run instantiates the configs' ``MLFlowHandler`` (only rank 0 attaches
+    it), and opening a new SQLite store runs its schema migration: two ranks doing so at once fail
+    (``alembic ... expected to match one row``). Rank 0 opens the store, then all ranks meet at a
+    barrier. Without ``torch.distributed`` it just opens the store.
+
+    Returns:
+        ``tracking_uri``.
+    """
+    import torch.distributed as dist
+    from mlflow.tracking import MlflowClient
+
+    distributed = dist.is_available() and dist.is_initialized()
+    if not distributed or dist.get_rank() == 0:
+        MlflowClient(tracking_uri=tracking_uri).search_experiments(max_results=1)
+    if distributed:
+        dist.barrier()
+    return tracking_uri

@@ -1,0 +1,333 @@
+"""Networks of multi-level gaze supervision: a U-Net exposing its features, and N of them together.
+
+GazeSup (Zhong et al., "Weakly-supervised Medical Image Segmentation with Gaze Annotations",
+MICCAI 2024) trains one network per pseudo-mask level. Each level network is MONAI's
+:class:`~monai.networks.nets.BasicUNet` producing a feature map, followed by a 1x1 classifier. The
+*feature propagation* replaces each pixel's feature by a similarity-weighted average of its 5x5
+neighbours at dilation 2 (softmax over clamped dot products); the same classifier on the propagated
+features gives the *propagated logits* that the cross-level consistency compares with the peers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from monai.networks.layers import Conv
+from monai.networks.nets import BasicUNet
+from torch import nn
+
+from ..errors import InvalidInputError
+
+__all__ = [
+    "FeatureUNet",
+    "MultiLevelNet",
+    "feature_propagation",
+    "feature_propagation_unfold",
+    "PAPER_FEATURES",
+    "CPU_FEATURES",
+]
+
+#: BasicUNet widths of the paper (the last is the decoder's output width).
+PAPER_FEATURES = (64, 128, 256, 512, 1024, 128)
+#: Slim widths for training on a CPU.
+CPU_FEATURES = (16, 32, 64, 128, 256, 32)
+
+
+def _displacements(kernel_size: int, dilation: int, ndim: int) -> list[tuple[int, ...]]:
+    r = (kernel_size // 2) * dilation
+    steps = range(-r, r + 1, dilation)
+    grid = [()]
+    for _ in range(ndim):
+        grid = [g + (s,) for g in grid for s in steps]
+    return grid
+
+
+def _overlap(disp: tuple[int, ...], spatial: tuple[int, ...]):
+    """Index tuples ``(centre, neighbour)`` of the pixels ``p`` whose neighbour ``p + disp`` is inside.
+
+    Neighbours outside the image have zero features (as ``F.unfold`` with zero padding): their
+    similarity is 0 and they add nothing to the output, so only this overlap needs computing.
+    Returns None when it is empty.
+    """
+    centre, neighbour = [slice(None), slice(None)], [slice(None), slice(None)]
+    for d, n in zip(disp, spatial):
+        lo, hi = max(0, -d), n - max(0, d)
+        if hi <= lo:
+            return None
+        centre.append(slice(lo, hi))
+        neighbour.append(slice(lo + d, hi + d))
+    return tuple(centre), tuple(neighbour)
+
+
+def _channel_dot(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, chunk: int = 1 << 18) -> None:
+    """``out = (a * b).sum(1)`` through a small reused buffer instead of one full-size product.
+
+    ``a`` and ``b`` are (B, C, n1, ...) views; the product is formed ``chunk`` elements at a time
+    along the first spatial axis, so it stays in cache and its memory does not grow with the image.
+    """
+    rows = max(1, chunk // max(1, a[:, :, :1].numel()))
+    buf = torch.empty(min(rows, a.shape[2]) * a[:, :, :1].numel(), dtype=a.dtype, device=a.device)
+    for i in range(0, a.shape[2], rows):
+        a_i, b_i = a[:, :, i : i + rows], b[:, :, i : i + rows]
+        prod = torch.mul(a_i, b_i, out=buf[: a_i.numel()].view(a_i.shape))
+        torch.sum(prod, dim=1, out=out[:, i : i + rows])
+
+
+class _FeaturePropagation(torch.autograd.Function):
+    """Propagation with a hand-written backward that works on the overlapping regions in place.
+
+    Autograd through shifted views would allocate a zero-filled padded gradient per neighbour and
+    per use (2 x kernel_size**2 of them). Here no padded copy exists at all: each neighbour is the
+    overlap of the map with its shifted self, the saved state is the features, the values, the
+    weights and the sign of the similarities, and the backward pass accumulates into one gradient
+    per input.
+    """
+
+    @staticmethod
+    def forward(ctx, feat: torch.Tensor, values: torch.Tensor | None, kernel_size: int, dilation: int):
+        spatial = tuple(feat.shape[2:])
+        regions = [_overlap(d, spatial) for d in _displacements(kernel_size, dilation, len(spatial))]
+        sim = feat.new_zeros((feat.shape[0], len(regions)) + spatial)
+        for k, reg in enumerate(regions):
+            if reg is not None:
+                c, n = reg
+                _channel_dot(feat[c], feat[n], sim[:, k][(slice(None),) + c[2:]])
+        positive = sim > 0
+        weight = torch.softmax(sim.clamp_(min=0), dim=1)
+        v = feat if values is None else values
+        out = torch.zeros_like(v)
+        for k, reg in enumerate(regions):
+            if reg is not None:
+                c, n = reg
+                out[c].addcmul_(weight[:, k : k + 1][c], v[n])
+        ctx.save_for_backward(feat, values, weight, positive)
+        ctx.conf = (kernel_size, dilation)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        feat, values, weight, positive = ctx.saved_tensors
+        kernel_size, dilation = ctx.conf
+        spatial = tuple(feat.shape[2:])
+        regions = [_overlap(d, spatial) for d in _displacements(kernel_size, dilation, len(spatial))]
+        v = feat if values is None else values
+        grad_out = grad_out.contiguous()
+        # d out / d weight_k = <grad_out, neighbour_k(v)>
+        grad_w = torch.zeros_like(weight)
+        for k, reg in enumerate(regions):
+            if reg is not None:
+                c, n = reg
+                _channel_dot(grad_out[c], v[n], grad_w[:, k][(slice(None),) + c[2:]])
+        # softmax and clamp
+        grad_s = weight * (grad_w - (weight * grad_w).sum(dim=1, keepdim=True))
+        grad_s.mul_(positive)
+        del grad_w
+        grad_feat = torch.zeros_like(feat)
+        grad_v = grad_feat if values is None else torch.zeros_like(values)
+        for k, reg in enumerate(regions):
+            if reg is not None:
+                c, n = reg
+                w_k, s_k = weight[:, k : k + 1][c], grad_s[:, k : k + 1][c]
+                grad_v[n].addcmul_(w_k, grad_out[c])  # out = sum_k w_k * neighbour_k(v)
+                grad_feat[n].addcmul_(s_k, feat[c])  # sim_k = <f, neighbour_k(f)>: the neighbour's side
+                grad_feat[c].addcmul_(s_k, feat[n])  # ... and the centre's
+        return grad_feat, None if values is None else grad_v, None, None
+
+
+def feature_propagation(
+    feat: torch.Tensor, kernel_size: int = 5, dilation: int = 2, values: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Similarity-weighted average of each pixel's neighbours, without unfolding.
+
+    For pixel ``p`` with neighbours ``q`` on a ``kernel_size`` x ``kernel_size`` grid at ``dilation``
+    (zero beyond the border, as ``F.unfold`` with zero padding):
+    ``w_pq = softmax_q(max(<f_p, f_q>, 0))`` and the output is ``sum_q w_pq v_q``, where the values
+    ``v`` are the features themselves unless ``values`` is given.
+
+    The reference unfolds the feature map into a ``kernel_size**2`` times larger tensor; here each
+    neighbour is the overlap of the map with its shifted self and the backward pass is written out,
+    so the extra memory is the ``kernel_size**2`` weights per pixel and one gradient per input.
+
+    Args:
+        feat: (B, C, H, W) features, or (B, C, D, H, W) (cubic neighbourhood).
+        kernel_size: odd neighbourhood size.
+        dilation: spacing between neighbours.
+        values: (B, C', ...) maps to average with the weights of ``feat`` (default: ``feat``).
+            A linear map of the features commutes with the average, so the propagated logits of a
+            1x1 classifier ``W f + b`` are ``feature_propagation(f, values=W f) + b``: C' = 1
+            channel to average instead of C.
+    """
+    if kernel_size % 2 != 1:
+        raise InvalidInputError(f"kernel_size must be odd, got {kernel_size}")
+    if feat.dim() not in (4, 5):
+        raise InvalidInputError(f"feat must be 4-D or 5-D, got shape {tuple(feat.shape)}")
+    if values is not None and (values.shape[0] != feat.shape[0] or values.shape[2:] != feat.shape[2:]):
+        raise InvalidInputError(
+            f"values must match feat in batch and spatial size, got {tuple(values.shape)} "
+            f"for features {tuple(feat.shape)}"
+        )
+    return _FeaturePropagation.apply(feat, values, kernel_size, dilation)
+
+
+def feature_propagation_unfold(feat: torch.Tensor, kernel_size: int = 5, dilation: int = 2) -> torch.Tensor:
+    """The reference formulation of :func:`feature_propagation` (2-D), step for step.
+
+    Kept to test and benchmark against. Like the GazeSup code it unfolds the features twice (once as
+    values, once as keys), each a (B, C, kernel_size**2, H, W) tensor, and contracts with einsum.
+    """
+    b, c, h, w = feat.shape
+    pad = (kernel_size // 2) * dilation
+
+    def unfold(x):
+        return nn.functional.unfold(x, kernel_size, dilation=dilation, padding=pad).reshape(b, c, -1, h, w)
+
+    values = unfold(feat)
+    keys = unfold(feat)
+    corr = torch.softmax(torch.einsum("bchw,bcnhw->bhwn", feat, keys).clamp(min=0), dim=-1)
+    return torch.einsum("bcnhw,bhwn->bchw", values, corr).reshape(b, c, h, w)
+
+
+class FeatureUNet(nn.Module):
+    """MONAI's BasicUNet producing a feature map, plus a 1x1 convolution classifier.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: image channels (3 for RGB endoscopy, 1 for MR).
+        out_channels: logits (1 for binary segmentation).
+        features: BasicUNet widths, six numbers (the paper's: 64, 128, 256, 512, 1024, 128).
+        feature_channels: channels of the exposed feature map (the paper's: 128).
+        norm: BasicUNet normalisation (the paper's: GroupNorm with 4 groups).
+        act: BasicUNet activation.
+        dropout: BasicUNet dropout.
+        upsample: BasicUNet upsampling, ``"deconv"``, ``"pixelshuffle"`` or ``"nontrainable"``.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        in_channels: int = 3,
+        out_channels: int = 1,
+        features: Sequence[int] = PAPER_FEATURES,
+        feature_channels: int | None = None,
+        norm: str | tuple = ("group", {"num_groups": 4}),
+        act: str | tuple = ("LeakyReLU", {"negative_slope": 0.1, "inplace": True}),
+        dropout: float = 0.0,
+        upsample: str = "deconv",
+    ) -> None:
+        super().__init__()
+        features = tuple(int(f) for f in features)
+        self.feature_channels = int(feature_channels or features[-1])
+        self.backbone = BasicUNet(
+            spatial_dims=spatial_dims,
+            in_channels=in_channels,
+            out_channels=self.feature_channels,
+            features=features,
+            act=act,
+            norm=norm,
+            dropout=dropout,
+            upsample=upsample,
+        )
+        self.classifier = Conv[Conv.CONV, spatial_dims](self.feature_channels, out_channels, kernel_size=1)
+
+    @property
+    def bottleneck(self) -> nn.Module:
+        """The U-Net's deepest encoder block, whose weights (and weight gradients) are the largest.
+
+        :class:`~gazemonai.train.low_memory.LevelwiseTrainStep` releases freed memory here.
+        """
+        return self.backbone.down_4
+
+    def forward(self, x: torch.Tensor, return_features: bool = False):
+        feat = self.backbone(x)
+        logits = self.classifier(feat)
+        return (logits, feat) if return_features else logits
+
+
+class MultiLevelNet(nn.Module):
+    """N level networks trained together on N pseudo-mask levels; the prediction is their mean logit.
+
+    Args:
+        num_levels: number of levels (networks); 1 gives a plain network (full supervision).
+        init: ``"independent"`` (each level initialised on its own, as the paper describes) or
+            ``"copy"`` (all levels start as copies of the first, as the reference code does).
+        propagate: compute the propagated logits in ``output="train"``.
+        propagate_logits: average the classifier's 1-channel output ``W f`` with the propagation
+            weights, then add its bias, instead of averaging the C-channel features and classifying
+            them. The two are equal (a 1x1 convolution commutes with a weighted average whose weights
+            sum to one), and this one averages 1 channel instead of C (the paper's C: 128) and keeps
+            no propagated feature map for the backward pass. ``False`` is the reference's order,
+            for a :attr:`propagation` function without ``values`` (the unfold reference).
+        kernel_size: propagation neighbourhood.
+        dilation: propagation dilation.
+        output: default output, ``"ensemble"`` (B, 1, ...) mean logits — what inference, MONAI Label
+            and export see; ``"stack"`` (B, 1 + N, ...) the mean then each level's logits (evaluation
+            per level); ``"train"`` a dict with ``logits``, ``level_logits`` and ``prop_logits``.
+        unet_kwargs: passed to each :class:`FeatureUNet` (``in_channels``, ``features``, ...).
+    """
+
+    OUTPUTS = ("ensemble", "stack", "train")
+
+    def __init__(
+        self,
+        num_levels: int = 2,
+        init: str = "independent",
+        propagate: bool = True,
+        propagate_logits: bool = True,
+        kernel_size: int = 5,
+        dilation: int = 2,
+        output: str = "ensemble",
+        **unet_kwargs,
+    ) -> None:
+        super().__init__()
+        if num_levels < 1:
+            raise InvalidInputError(f"num_levels must be >= 1, got {num_levels}")
+        if init not in ("independent", "copy"):
+            raise InvalidInputError(f"init must be 'independent' or 'copy', got {init!r}")
+        if output not in self.OUTPUTS:
+            raise InvalidInputError(f"output must be one of {self.OUTPUTS}, got {output!r}")
+        self.num_levels = int(num_levels)
+        self.levels = nn.ModuleList(FeatureUNet(**unet_kwargs) for _ in range(self.num_levels))
+        if init == "copy":
+            for level in self.levels[1:]:
+                level.load_state_dict(self.levels[0].state_dict())
+        self.propagate = propagate
+        self.propagate_logits = propagate_logits
+        self.propagation = feature_propagation
+        self.kernel_size = kernel_size
+        self.dilation = dilation
+        self.output = output
+
+    def forward_level(self, x: torch.Tensor, level: int, propagate: bool | None = None):
+        """Level ``level``'s ``(logits, propagated logits or None)`` (one network of the N)."""
+        propagate = self.propagate if propagate is None else propagate
+        net = self.levels[level]
+        if not propagate:
+            return net(x), None
+        logits, feat = net(x, return_features=True)
+        if not self.propagate_logits:
+            return logits, net.classifier(self.propagation(feat, self.kernel_size, self.dilation))
+        values = getattr(nn.functional, f"conv{feat.dim() - 2}d")(feat, net.classifier.weight)  # W f, no bias
+        prop = self.propagation(feat, self.kernel_size, self.dilation, values=values)
+        bias = net.classifier.bias
+        return logits, prop if bias is None else prop + bias.view((1, -1) + (1,) * (feat.dim() - 2))
+
+    def forward(self, x: torch.Tensor, output: str | None = None):
+        output = output or self.output
+        if output not in self.OUTPUTS:
+            raise InvalidInputError(f"output must be one of {self.OUTPUTS}, got {output!r}")
+        if output != "train":
+            level_logits = [level(x) for level in self.levels]
+            mean = torch.stack(level_logits).mean(0)
+            return mean if output == "ensemble" else torch.cat([mean, *level_logits], dim=1)
+        level_logits, prop_logits = [], []
+        for i in range(self.num_levels):
+            logits, prop = self.forward_level(x, i)
+            level_logits.append(logits)
+            if prop is not None:
+                prop_logits.append(prop)
+        return {
+            "logits": torch.stack(level_logits).mean(0),
+            "level_logits": level_logits,
+            "prop_logits": prop_logits,
+        }

@@ -1,0 +1,117 @@
+"""MONAI transforms of the masks the bundles train on and predict: binarise ground truth, write predictions.
+
+The gaze chain's own transforms (``GazeHeatmapd``, ``CRFRefined``, ``PseudoMaskLevelsd``) are in
+:mod:`gazemonai.gaze.transforms`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform
+from monai.utils import ensure_tuple_rep
+
+from ..errors import InvalidInputError
+from ..prep.io import write_png
+
+__all__ = ["BinarizeMaskd", "SaveMaskd"]
+
+
+class BinarizeMaskd(MapTransform):
+    """Channel-first mask -> (1, H, W) float 0/1: the maximum over channels above ``threshold``.
+
+    JPEG masks such as Kvasir-SEG's are stored as noisy 0/255 RGB (threshold 127); masks whose
+    values are all <= 1 are taken as 0/1 label maps (foreground > 0).
+
+    Args:
+        keys: mask keys.
+        threshold: foreground threshold for 0-255 masks (one, or one per key).
+        allow_missing_keys: don't raise when a key is absent.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "label",
+        threshold: float | Sequence[float] = 127.0,
+        allow_missing_keys: bool = False,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.thresholds = tuple(float(t) for t in ensure_tuple_rep(threshold, len(self.keys)))
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key, threshold in self.key_iterator(d, self.thresholds):
+            m = d[key]
+            t = m if isinstance(m, torch.Tensor) else torch.as_tensor(np.asarray(m))
+            if t.dim() < 3:
+                raise InvalidInputError(f"{key}: expected a channel-first mask, got shape {tuple(t.shape)}")
+            t = t.amax(dim=0, keepdim=True)
+            thr = 0.0 if float(t.max()) <= 1.0 else threshold
+            out = (t > thr).to(torch.float32)
+            if isinstance(m, MetaTensor):
+                out = MetaTensor(out.as_tensor() if isinstance(out, MetaTensor) else out, meta=dict(m.meta))
+            d[key] = out
+        return d
+
+
+class SaveMaskd(MapTransform):
+    """Write binary (1, H, W) predictions as 8-bit 0/255 PNGs named after their source image.
+
+    ``OUTPUT_DIR/<stem>.png`` for a key without postfix, ``OUTPUT_DIR/<stem>_<postfix>.png`` otherwise
+    (MONAI's ``SaveImaged`` naming), where ``<stem>`` is the name of ``d[source_key]``'s
+    ``filename_or_obj`` without its extension. Rows = y, as read with ``PILReader(reverse_indexing=False)``;
+    the prediction is expected at the input image's size (invert the resizing first, e.g. with
+    ``Invertd``).
+
+    Args:
+        keys: prediction keys.
+        output_dir: output folder (created).
+        source_key: key whose ``filename_or_obj`` metadata names the files.
+        output_postfix: one per key, or one for all when there is one key; ``""`` writes ``<stem>.png``.
+            Several keys need distinct postfixes (each key its own file).
+        allow_missing_keys: don't raise when a key is absent.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "pred",
+        output_dir: str = "./eval",
+        source_key: str = "image",
+        output_postfix: str | Sequence[str] | None = None,
+        allow_missing_keys: bool = False,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.output_dir = output_dir
+        self.source_key = source_key
+        if output_postfix is None:  # one key: <stem>.png; several: <stem>_<key>.png
+            output_postfix = "" if len(self.keys) == 1 else [str(k) for k in self.keys]
+        self.postfixes = tuple(str(p) for p in ensure_tuple_rep(output_postfix, len(self.keys)))
+        if len(set(self.postfixes)) != len(self.postfixes):
+            raise InvalidInputError(
+                f"SaveMaskd: keys {list(self.keys)} would write to the same files; give one distinct "
+                f"output_postfix per key, got {list(self.postfixes)}"
+            )
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        src = d.get(self.source_key)
+        meta = getattr(src, "meta", {}) or {}
+        name = meta.get("filename_or_obj")
+        if not name:
+            raise InvalidInputError(
+                f"{self.source_key} carries no filename_or_obj metadata to name the output after"
+            )
+        stem = os.path.splitext(os.path.basename(str(name)))[0]
+        for key, postfix in self.key_iterator(d, self.postfixes):
+            m = d[key]
+            m = m.detach().cpu().numpy() if isinstance(m, torch.Tensor) else np.asarray(m)
+            if m.ndim == 3:
+                m = m[0]
+            fname = f"{stem}_{postfix}.png" if postfix else f"{stem}.png"
+            write_png(os.path.join(self.output_dir, fname), m > 0.5)
+        return d

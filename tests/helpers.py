@@ -1,0 +1,74 @@
+"""What several test files share: paths of the real data, servers on loopback, running commands."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("GAZEMONAI_SHARED_DATA", ROOT.parent / "shared" / "data"))
+KVASIR = SHARED_DATA / "kvasir-seg"
+GAZE = SHARED_DATA / "gazemedseg"
+KVASIR_CSV = GAZE / "kvasir_fixation.csv"
+NCI_CSV = GAZE / "nci-isbi_fixation.csv"
+PROSTATE158 = SHARED_DATA / "prostate-prostate158"
+
+
+def need(path: Path):
+    """Skip (with the reason) when a real-data path of ../shared/data is absent."""
+    if not path.exists():
+        pytest.skip(f"real data not available: {path} is absent (tests read ../shared/data)")
+    return path
+
+
+def free_port() -> int:
+    """A free TCP port on loopback, for the servers the tests start."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, seconds: float = 120) -> None:
+    """Wait until ``url`` answers, failing early when the server process ``proc`` exits."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer in {seconds} s")
+
+
+def run_module(module: str, *args, ok: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python -m MODULE ARGS`` from the repository root, as a user runs it; asserts success with ``ok``."""
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True, cwd=ROOT, env=env
+    )
+    if ok:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def bundle(*args, ok: bool = True) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle run ARGS``."""
+    return run_module("monai.bundle", "run", *args, ok=ok)
+
+
+def mlflow_runs(db: Path, experiment: str):
+    """The runs of ``experiment`` in the SQLite MLflow store ``db``."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"no MLflow experiment {experiment!r} in {db}"
+    return client.search_runs([exp.experiment_id])

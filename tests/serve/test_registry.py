@@ -1,0 +1,140 @@
+"""MLflow model registry: register a bundle against a real MLflow server on loopback, load it back."""
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import ROOT, free_port, wait_http
+from PIL import Image
+
+BUNDLE = ROOT / "bundles" / "kvasir_gaze"
+SIZE = ["--image_size", "[32,32]"]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "art"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url + "/health", proc)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "gazemonai", *map(str, args)], capture_output=True, text=True, cwd=ROOT
+    )
+
+
+def test_register_load_predict_matches_bundle_inference(
+    mlflow_server, kvasir_checkpoint, synthetic_root, tmp_path, monkeypatch
+):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    args = ["register", "--bundle-dir", BUNDLE, "--checkpoint", kvasir_checkpoint,
+            "--name", "kvasir_gaze_test",
+            "--tracking-uri", mlflow_server, "--override", "{'image_size': [32, 32]}"]  # fmt: skip
+    first, second = cli(*args), cli(*args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert json.loads(first.stdout.strip().splitlines()[-1])["version"] == "1"
+    assert json.loads(second.stdout.strip().splitlines()[-1])["version"] == "2"
+    client = MlflowClient(tracking_uri=mlflow_server)
+    versions = client.search_model_versions("name='kvasir_gaze_test'")
+    assert sorted(v.version for v in versions) == ["1", "2"]
+
+    # the bundle's own inference on the same kvasir_checkpoint writes the reference masks
+    bundle_root = kvasir_checkpoint.parent.parent
+    subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", BUNDLE / "configs" / "inference.json",
+         "--bundle_root", bundle_root, "--dataset_dir", synthetic_root / "images",
+         "--output_dir", tmp_path / "pred", *SIZE],
+        check=True, capture_output=True, cwd=ROOT,
+    )  # fmt: skip
+
+    # not mlflow.set_tracking_uri: it writes os.environ, which later tests' subprocesses would inherit
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    model = mlflow.pyfunc.load_model("models:/kvasir_gaze_test/1")
+    names = sorted(p.name for p in (synthetic_root / "images").glob("*.png"))
+    images = np.stack([np.asarray(Image.open(synthetic_root / "images" / n).convert("RGB")) for n in names])
+    masks = model.predict(images)
+    assert masks.shape == images.shape[:3] and masks.dtype == np.uint8
+    assert set(np.unique(masks)) <= {0, 1}
+    for name, mask in zip(names, masks):
+        expected = np.asarray(Image.open(tmp_path / "pred" / name)) > 0
+        assert np.array_equal(mask.astype(bool), expected), name
+    # the signature takes any size; a wrong channel count is refused with the expected shape
+    assert model.predict(images[:1, :40, :50]).shape == (1, 40, 50)
+    with pytest.raises(Exception, match="3"):
+        model.predict(images[..., :2])
+
+
+def test_mlflow_models_serve_answers_over_http(mlflow_server, kvasir_checkpoint, tmp_path):
+    """``mlflow models serve`` of a registered version answers /invocations with masks."""
+    cli("register", "--bundle-dir", BUNDLE, "--checkpoint", kvasir_checkpoint, "--name", "kvasir_gaze_serve",
+        "--tracking-uri", mlflow_server, "--override", "{'image_size': [32, 32]}")  # fmt: skip
+    port = free_port()
+    # as in an activated environment: mlflow starts the venv's uvicorn by name
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server, "PATH": path}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/kvasir_gaze_serve/1",
+         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ping", proc)
+        image = np.zeros((1, 40, 48, 3), np.uint8)
+        image[0, 10:30, 12:36] = 200
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            data=json.dumps({"inputs": image.tolist()}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=60) as r:
+            answer = json.loads(r.read())
+        pred = np.asarray(answer["predictions"])
+        assert pred.shape == (1, 40, 48) and set(np.unique(pred)) <= {0, 1}
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_register_names_what_is_missing_or_mismatched(kvasir_checkpoint, tmp_path):
+    p = cli("register", "--bundle-dir", BUNDLE, "--checkpoint", tmp_path / "nope.pt", "--name", "x",
+            "--tracking-uri", f"sqlite:///{tmp_path / 'db'}")  # fmt: skip
+    assert p.returncode == 2 and "nope.pt" in p.stderr
+    p = cli("register", "--bundle-dir", BUNDLE, "--checkpoint", kvasir_checkpoint, "--name", "x",
+            "--tracking-uri", f"sqlite:///{tmp_path / 'db'}",
+            "--override", "{'features': [8, 8, 8, 8, 8, 8]}")  # fmt: skip
+    assert p.returncode == 2 and "does not fit" in p.stderr and "features" in p.stderr
+    assert not (tmp_path / "db").exists()  # nothing was logged
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    p = cli("register", "--bundle-dir", BUNDLE, "--checkpoint", tmp_path / "garbage.pt", "--name", "x",
+            "--tracking-uri", f"sqlite:///{tmp_path / 'db'}")  # fmt: skip
+    assert p.returncode == 2 and "cannot read checkpoint" in p.stderr and "garbage.pt" in p.stderr
+    assert "does not fit" not in p.stderr  # not every failure to load is a mismatch any more
+
+
+def test_a_mismatch_keeps_its_cause(kvasir_checkpoint, tmp_path):
+    from gazemonai.errors import CheckpointMismatchError
+    from gazemonai.serve.registry import _load_staged
+
+    with pytest.raises(CheckpointMismatchError, match="does not fit .* with overrides") as info:
+        _load_staged(BUNDLE, kvasir_checkpoint, {"features": [8, 8, 8, 8, 8, 8]}, tmp_path)
+    assert isinstance(info.value.__cause__, RuntimeError) and "size mismatch" in str(info.value.__cause__)

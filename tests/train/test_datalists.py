@@ -1,0 +1,38 @@
+"""Datalists: seeded (and patient-disjoint) validation splits, items, missing files named."""
+
+import pytest
+
+from gazemonai.prep.slices import patient_of
+from gazemonai.train.datalists import gaze_datalist, read_split, split_datalist, validation_split
+
+
+def test_validation_split_is_seeded_disjoint_and_complete():
+    ids = [f"id{i:03d}" for i in range(50)]
+    tr, va = validation_split(ids, 0.1, seed=3)
+    assert len(va) == 5 and len(tr) == 45 and not set(tr) & set(va) and set(tr) | set(va) == set(ids)
+    assert validation_split(list(reversed(ids)), 0.1, seed=3) == (tr, va)  # order of the file is irrelevant
+    assert validation_split(ids, 0.1, seed=4)[1] != va
+    with pytest.raises(ValueError, match="val_fraction"):
+        validation_split(ids, 1.0)
+
+
+def test_datalists(synthetic_root):
+    items = split_datalist(synthetic_root, "train", synthetic_root / "gaze.csv", val_fraction=0.25)
+    val = split_datalist(synthetic_root, "val", synthetic_root / "gaze.csv", val_fraction=0.25)
+    test = split_datalist(synthetic_root, "test")
+    assert len(items) == 3 and len(val) == 1 and len(test) == 2
+    assert {i["id"] for i in items} | {i["id"] for i in val} == set(read_split(synthetic_root, "train.txt"))
+    assert items[0]["fixations"].shape[1] == 3 and "fixations" not in test[0]
+    with pytest.raises(FileNotFoundError, match="1 file\\(s\\) missing under .*images/ghost"):
+        gaze_datalist(synthetic_root, ["synth_000", "ghost"])
+    with pytest.raises(FileNotFoundError, match="split file not found"):
+        split_datalist(synthetic_root, "nope.txt")
+
+
+def test_patient_disjoint_validation_split():
+    ids = [f"P{p}_{k}" for p in range(5) for k in range(1, 4)]
+    train, val = validation_split(ids, 0.4, seed=0, group="patient")
+    assert {patient_of(i) for i in train}.isdisjoint({patient_of(i) for i in val})
+    assert len({patient_of(i) for i in val}) == 2 and sorted(train + val) == sorted(ids)
+    with pytest.raises(ValueError, match="2 or more patients"):
+        validation_split(["P1_1", "P1_2"], 0.5, group="patient")

@@ -1,0 +1,42 @@
+"""Engine pieces: batch preparation, the autocast inferer, the supervision switch, the step switch."""
+
+import pytest
+import torch
+
+from gazemonai.train.engine import AutocastInferer, MultiLevelPrepareBatch, level_label_key, num_levels
+from gazemonai.train.networks import MultiLevelNet
+
+
+def test_prepare_batch():
+    batch = {"image": torch.zeros(2, 3, 8, 8), "pseudo_label": torch.ones(2, 2, 8, 8)}
+    img, tgt, args, kwargs = MultiLevelPrepareBatch()(batch)
+    assert tgt.shape == (2, 2, 8, 8) and args == () and kwargs == {"output": "train"}
+    with pytest.raises(KeyError, match="no 'label'"):
+        MultiLevelPrepareBatch(label_key="label")(batch)
+
+
+def test_autocast_inferer_returns_float32_close_to_fp32():
+    torch.manual_seed(0)
+    net = MultiLevelNet(num_levels=2, features=(4, 4, 8, 8, 16, 4)).eval()
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        ref = net(x, output="stack")
+        out = AutocastInferer("bfloat16")(x, net, output="stack")
+        train = AutocastInferer("bfloat16")(x, net, output="train")
+    assert out.dtype == torch.float32 and train["prop_logits"][0].dtype == torch.float32
+    assert (out - ref).abs().max() < 0.1 * ref.abs().max() + 0.05
+    assert torch.equal(AutocastInferer(None)(x, net), net(x))
+
+
+def test_train_iteration_rejects_unknown_steps():
+    from gazemonai.train.engine import train_iteration
+
+    with pytest.raises(ValueError, match="levelwise"):
+        train_iteration("sideways")
+
+
+def test_supervision_switch():
+    assert num_levels("full", (0.5, 0.3)) == 1 and num_levels("gaze", (0.5, 0.3)) == 2
+    assert level_label_key("full") == "label" and level_label_key("gaze") == "pseudo_label"
+    with pytest.raises(ValueError, match="supervision"):
+        num_levels("boxes", (0.5,))

@@ -1,0 +1,144 @@
+import json
+
+import pytest
+import torch
+from ignite.engine import Engine, Events
+
+from gazemonai.metrics import dice_iou
+from gazemonai.train.handlers import (
+    ChannelDice,
+    LatestCheckpoint,
+    LossTerms,
+    SegmentationReport,
+    level_metrics,
+)
+
+
+def test_channel_dice_by_hand():
+    pred = torch.zeros(2, 3, 2, 2)  # ensemble + 2 levels
+    pred[0, 0, 0, :] = 1  # 2 pixels
+    pred[0, 1, 0, 0] = 1
+    label = torch.zeros(2, 1, 2, 2)
+    label[0, 0, 0, 0] = 1  # image 0: one pixel; image 1: empty label and empty prediction
+    m = ChannelDice(0, output_transform=lambda o: o)
+    m.reset()
+    m.update((pred, label))
+    assert m.compute() == pytest.approx((2 / 3 + 1.0) / 2)
+    m1 = ChannelDice(1, output_transform=lambda o: o)
+    m1.reset()
+    m1.update((pred, label))
+    assert m1.compute() == pytest.approx(1.0)
+    assert dice_iou(pred[0, 0], label[0, 0]) == pytest.approx((2 / 3, 1 / 2))
+    assert set(level_metrics(2, "test", iou=True)) == {
+        "test_dice_level_1",
+        "test_dice_level_2",
+        "test_iou_level_1",
+        "test_iou_level_2",
+        "test_mean_iou",
+    }
+
+
+def test_segmentation_report(tmp_path):
+    report = SegmentationReport(str(tmp_path / "m.json"))
+    engine = Engine(lambda e, b: None)
+    report.attach(engine)
+    pred = torch.zeros(2, 2, 2)
+    pred[:, 0, 0] = 1
+    label = torch.zeros(1, 2, 2)
+    label[0, 0, 0] = 1
+    engine.state.batch = [{"id": "a"}]
+    engine.state.output = [{"pred": pred, "label": label}]
+    report._collect(engine)
+    report._write(engine)
+    out = json.loads((tmp_path / "m.json").read_text())
+    assert out["images"] == 1 and out["per_image"][0]["id"] == "a"
+    assert out["mean"]["ensemble"] == {"dice": 1.0, "iou": 1.0}
+    assert "both empty" in out["empty_convention"]
+    # a second evaluation: an empty prediction against a 1-pixel truth scores 0, both empty 1
+    engine.state.batch = [{"id": "b"}, {"id": "c"}]
+    engine.state.output = [{"pred": torch.zeros(2, 2, 2), "label": label}, {"pred": pred, "label": label * 0}]
+    report.rows.clear()
+    report._collect(engine)
+    report._write(engine)
+    out = json.loads((tmp_path / "m.json").read_text())
+    assert out["per_image"][0]["level_1"] == {"dice": 0.0, "iou": 0.0}
+    assert out["per_image"][1]["ensemble"] == {"dice": 0.0, "iou": 0.0}  # predicted, nothing there
+    assert out["mean"]["level_1"] == {"dice": 0.0, "iou": 0.0}
+
+
+def test_channel_dice_on_images_of_different_sizes():
+    """Evaluation at each image's own size: a list of (C, H, W) predictions of different H, W."""
+    preds = [torch.ones(2, 3, 4), torch.zeros(2, 5, 2)]
+    labels = [torch.ones(1, 3, 4), torch.ones(1, 5, 2)]
+    for channel, expected in ((0, (1.0 + 0.0) / 2), (1, 0.5)):
+        m = ChannelDice(channel, output_transform=lambda o: o)
+        m.reset()
+        m.update((preds, labels))
+        assert m.compute() == pytest.approx(expected)
+    with pytest.raises(ValueError, match="channel 2 asked for"):
+        ChannelDice(2, output_transform=lambda o: o).update((preds, labels))
+
+
+@pytest.mark.parametrize("step", ["joint", "levelwise"])
+def test_loss_terms_are_epoch_means_of_every_iteration(step):
+    from monai.engines import SupervisedTrainer
+
+    from gazemonai.train.engine import MultiLevelPrepareBatch, train_iteration
+    from gazemonai.train.losses import MultiLevelGazeLoss
+    from gazemonai.train.networks import MultiLevelNet
+
+    torch.manual_seed(0)
+    net = MultiLevelNet(2, features=(4, 4, 8, 8, 8, 4))
+    loss = MultiLevelGazeLoss()
+    batches = [
+        {"image": torch.rand(2, 3, 16, 16), "pseudo_label": torch.rand(2, 2, 16, 16).round()}
+        for _ in range(3)
+    ]
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=2,
+        train_data_loader=batches,
+        network=net,
+        optimizer=torch.optim.SGD(net.parameters(), lr=0.01),
+        loss_function=loss,
+        prepare_batch=MultiLevelPrepareBatch(output="train"),
+        iteration_update=train_iteration(step),
+        decollate=False,
+    )
+    LossTerms(loss).attach(trainer)
+    seen, means = [], []
+    trainer.add_event_handler(
+        Events.ITERATION_STARTED, lambda e: seen.clear() if e.state.iteration % 3 == 1 else None
+    )
+    trainer.add_event_handler(
+        Events.ITERATION_COMPLETED,
+        lambda e: seen.append({k: v.item() for k, v in e.state.output["loss_terms"].items()}),
+    )
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: means.append(dict(e.state.metrics)))
+    trainer.run()
+    assert len(means) == 2 and len(seen) == 3  # the second epoch's three iterations
+    expected = {f"train_loss_{k}": sum(s[k] for s in seen) / 3 for k in seen[0]}
+    assert set(expected) == {
+        f"train_loss_{t}" for t in ("dice_1", "bce_1", "consistency_1", "dice_2", "bce_2", "consistency_2")
+    } | {"train_loss_consistency", "train_loss_total"}
+    assert means[1] == pytest.approx(expected, rel=1e-6)
+    assert means[1]["train_loss_total"] == pytest.approx(trainer.state.output["loss"].item(), rel=0.5)
+
+
+def test_latest_checkpoint_round_trip(tmp_path):
+    net = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    engine = Engine(lambda e, b: None)
+    ckpt = LatestCheckpoint(str(tmp_path / "latest.pt"), {"model": net, "optimizer": opt})
+    ckpt.attach(engine)
+    engine.run([0, 0], max_epochs=2)
+    saved = {k: v.clone() for k, v in net.state_dict().items()}
+    assert (tmp_path / "latest.pt").is_file() and not list(tmp_path.glob("*.tmp"))
+    net2 = torch.nn.Linear(2, 1)
+    engine2 = Engine(lambda e, b: None)
+    epochs = []
+    engine2.add_event_handler(Events.EPOCH_COMPLETED, lambda e: epochs.append(e.state.epoch))
+    LatestCheckpoint(str(tmp_path / "latest.pt"), {"model": net2}).attach(engine2)
+    engine2.run([0, 0], max_epochs=3)
+    assert epochs == [3]  # resumed after epoch 2
+    assert all(torch.equal(saved[k], v) for k, v in net2.state_dict().items())
