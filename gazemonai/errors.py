@@ -19,6 +19,7 @@ __all__ = [
     "MissingInputError",
     "ImageReadError",
     "CheckpointMismatchError",
+    "CheckpointReadError",
 ]
 
 
@@ -44,3 +45,7 @@ class ImageReadError(GazemonaiError, OSError):
 
 class CheckpointMismatchError(InvalidInputError):
     """A checkpoint whose weights do not fit the network its configs build (widths, levels, channels)."""
+
+
+class CheckpointReadError(InvalidInputError):
+    """A checkpoint file that is not a torch checkpoint of plain weights (corrupt, or holding code)."""

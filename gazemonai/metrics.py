@@ -42,8 +42,8 @@ def dice_iou(pred, target, batch: bool = False) -> tuple[torch.Tensor, torch.Ten
             whole arrays are compared and both results are 0-d.
 
     Returns:
-        ``(dice, iou)`` as float64 tensors on ``pred``'s device; 1.0 for both where prediction and
-        ground truth are both empty (see the module's note on this convention).
+        ``(dice, iou)`` as float64 tensors (float32 on Apple MPS) on ``pred``'s device; 1.0 for both
+        where prediction and ground truth are both empty (see the module's note on this convention).
 
     Raises:
         ValueError: the shapes differ.
@@ -55,8 +55,9 @@ def dice_iou(pred, target, batch: bool = False) -> tuple[torch.Tensor, torch.Ten
             f"prediction shape {tuple(p.shape)} differs from the ground truth's {tuple(t.shape)}"
         )
     dims = tuple(range(1 if batch else 0, p.dim()))
-    inter = (p & t).sum(dims, dtype=torch.float64)
-    total = p.sum(dims, dtype=torch.float64) + t.sum(dims, dtype=torch.float64)
+    dtype = torch.float32 if p.device.type == "mps" else torch.float64  # MPS has no float64
+    inter = (p & t).sum(dims, dtype=dtype)
+    total = p.sum(dims, dtype=dtype) + t.sum(dims, dtype=dtype)
     empty = total == 0
     one = torch.ones_like(total)
     dice = torch.where(empty, one, 2.0 * inter / torch.where(empty, one, total))

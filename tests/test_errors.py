@@ -5,6 +5,7 @@ import pytest
 from gazemonai import errors
 from gazemonai.errors import (
     CheckpointMismatchError,
+    CheckpointReadError,
     FixationFormatError,
     GazemonaiError,
     ImageReadError,
@@ -19,6 +20,7 @@ from gazemonai.errors import (
         (InvalidInputError, ValueError),
         (FixationFormatError, ValueError),
         (CheckpointMismatchError, ValueError),
+        (CheckpointReadError, ValueError),
         (MissingInputError, FileNotFoundError),
         (ImageReadError, OSError),
     ],
@@ -34,8 +36,10 @@ def test_the_errors_module_lists_every_type_it_defines():
     assert set(errors.__all__) == defined
 
 
-def test_errors_users_catch_in_the_old_places_still_come_from_there():
+def test_the_modules_that_raise_them_re_export_them():
+    """``from gazemonai.gaze.fixations import FixationFormatError`` and the like keep working."""
+    from gazemonai.gaze import FixationFormatError as from_gaze
     from gazemonai.gaze.fixations import FixationFormatError as from_fixations
     from gazemonai.prep.io import ImageReadError as from_io
 
-    assert from_fixations is FixationFormatError and from_io is ImageReadError
+    assert from_fixations is from_gaze is FixationFormatError and from_io is ImageReadError

@@ -20,7 +20,11 @@ pass ``xy_transposed=True`` to :class:`GazeHeatmapd` for those (for a non-square
 out in the image array's own axis order and records it in its metadata (``meta["spatial_axes"]``:
 ``"yx"`` or ``"xy"``), which the later maps inherit. :class:`CRFRefined` reads it there: the dense
 CRF's permutohedral lattice is not exactly symmetric in x and y, so it runs on the image as
-displayed and the result is the same, to rounding, whichever way the image was read.
+displayed and the result is the same, to rounding, whichever way the image was read. (A heatmap
+that did not come from :class:`GazeHeatmapd`, e.g. one read back from the CLI's PNGs with an (x, y)
+reader, records no order and is taken as (y, x): set ``meta["spatial_axes"] = "xy"`` on it, or the
+CRF runs on the transposed image, which differs by up to ~0.02 on a few pixels.) The maps are
+MetaTensors, also for a plain-array image, unless MONAI's metadata tracking is off.
 
 Each dictionary transform takes several keys, as MONAI's do: per-key settings (``image_key``, the
 output key) are a single value or one value per key, and the outputs must be distinct.

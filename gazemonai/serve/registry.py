@@ -34,7 +34,7 @@ try:  # mlflow is a core dependency; keep the import error readable if it is mis
 except ImportError as e:  # pragma: no cover
     raise ImportError("gazemonai.serve.registry needs mlflow (pip install mlflow)") from e
 
-from ..errors import CheckpointMismatchError, InvalidInputError
+from ..errors import CheckpointMismatchError, CheckpointReadError, InvalidInputError
 from .staging import locate_bundle, stage_bundle
 
 __all__ = ["BundlePyfuncModel", "log_bundle_model", "register_bundle", "read_weights"]
@@ -46,14 +46,18 @@ def read_weights(path: Path):
     """A checkpoint's tensors, loaded with ``weights_only=True`` (no code in the file can run).
 
     Raises:
-        InvalidInputError: the file is not a torch checkpoint of plain weights (the cause is kept).
+        CheckpointReadError: the file is not a torch checkpoint of plain weights (the cause is kept).
     """
     import torch
 
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:  # not a torch file, or not only weights
-        raise InvalidInputError(f"cannot read checkpoint {path} as weights: {e}") from e
+    except (pickle.UnpicklingError, EOFError) as e:  # not a pickle, cut short, or more than weights
+        raise CheckpointReadError(f"cannot read checkpoint {path} as weights: {e}") from e
+    except RuntimeError as e:
+        if "PytorchStreamReader" not in str(e):  # e.g. out of memory: not the file's fault
+            raise
+        raise CheckpointReadError(f"cannot read checkpoint {path} as weights: {e}") from e
 
 
 class BundlePyfuncModel(PythonModel):
@@ -159,7 +163,6 @@ def _signature(in_channels: int):
 
 def _load_staged(bundle: Path, ckpt: Path, overrides: dict | None, dest: Path):
     """Stage the bundle and load it as the served model would; a checkpoint that does not fit fails."""
-    read_weights(ckpt)  # an unreadable file is named as the user gave it
     staged = stage_bundle(bundle, dest / "bundle", ckpt, overrides)
     model = BundlePyfuncModel()
 
@@ -173,6 +176,8 @@ def _load_staged(bundle: Path, ckpt: Path, overrides: dict | None, dest: Path):
             f"checkpoint {ckpt} does not fit {bundle}/configs/inference.json"
             f"{' with overrides ' + json.dumps(overrides) if overrides else ''}: {e.__cause__}"
         ) from e.__cause__
+    except CheckpointReadError as e:
+        raise CheckpointReadError(f"cannot read checkpoint {ckpt} as weights: {e.__cause__}") from e.__cause__
     return staged, model
 
 

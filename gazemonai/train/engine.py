@@ -18,6 +18,7 @@ from monai.inferers import SimpleInferer
 from monai.utils import CommonKeys
 
 from ..errors import InvalidInputError
+from .low_memory import LevelwiseTrainStep
 
 __all__ = [
     "MultiLevelPrepareBatch",
@@ -134,7 +135,5 @@ def train_iteration(step: str = "joint", step_in_backward: bool = False, release
             )
         return None
     if step == "levelwise":
-        from .low_memory import LevelwiseTrainStep
-
         return LevelwiseTrainStep(step_in_backward=step_in_backward, release_memory=release_memory)
     raise InvalidInputError(f"train_step must be 'levelwise' or 'joint', got {step!r}")

@@ -185,17 +185,17 @@ class MultiLevelGazeLoss(nn.Module):
             prop = []
         return level_logits, prop if len(prop) == len(level_logits) else [None] * len(level_logits)
 
-    def _per_level(self, y_pred, y):
+    def _per_level(self, y_pred):
+        """``(index, logits, propagated logits or None, peers' logits)`` of each level."""
         level_logits, prop_logits = self._levels(y_pred)
         for i, (z, prop) in enumerate(zip(level_logits, prop_logits)):
-            peers = level_logits[:i] + level_logits[i + 1 :]
-            yield i, self.level_terms(i, z, prop, peers, y)
+            yield i, z, prop, level_logits[:i] + level_logits[i + 1 :]
 
     def forward(self, y_pred, y: torch.Tensor) -> torch.Tensor:
-        total = None
-        for _, terms in self._per_level(y_pred, y):
-            share = self.combine(terms)
-            total = share if total is None else total + share
+        shares = [self.level_loss(i, z, prop, peers, y) for i, z, prop, peers in self._per_level(y_pred)]
+        total = shares[0]
+        for share in shares[1:]:
+            total = total + share
         return total
 
     def terms(self, y_pred, y: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -208,8 +208,8 @@ class MultiLevelGazeLoss(nn.Module):
         out: dict[str, torch.Tensor] = {}
         total, consistency = None, None
         with torch.no_grad():
-            for i, terms in self._per_level(y_pred, y):
-                terms = detached_terms(terms)
+            for i, z, prop, peers in self._per_level(y_pred):
+                terms = detached_terms(self.level_terms(i, z, prop, peers, y))
                 for name, value in terms.items():
                     out[f"{name}_{i + 1}"] = value
                 if "consistency" in terms:

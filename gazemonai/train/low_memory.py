@@ -86,7 +86,8 @@ class StepInBackward:
     Not possible with it, because no gradient outlives its own update: gradient clipping or anything
     else that reads gradients after ``backward()``, gradient accumulation (every backward pass
     updates), AMP's ``GradScaler`` (it unscales and skips steps after the backward pass).
-    :class:`LevelwiseTrainStep` refuses these combinations in a MONAI trainer.
+    :class:`LevelwiseTrainStep` refuses these combinations in a MONAI trainer; attached by hand to a
+    plain training loop, only the optimizer is checked here, the rest is the loop's to avoid.
 
     Args:
         optimizer: a per-parameter ``torch.optim`` optimizer over leaf parameters.
@@ -190,8 +191,9 @@ class LevelwiseTrainStep:
     :class:`~gazemonai.train.losses.MultiLevelGazeLoss`; the engine's ``prepare_batch``, ``inferer``
     (e.g. :class:`~gazemonai.train.engine.AutocastInferer`) and optimizer are used as the default
     iteration would. The output holds ``pred`` (``{"logits": mean, "level_logits": [...]}``,
-    detached), ``loss`` (the total) and ``loss_terms`` (each level's detached Dice, BCE and
-    consistency, keys as :meth:`~gazemonai.train.losses.MultiLevelGazeLoss.terms`).
+    detached) and ``loss`` (the total); ``engine.state.loss_terms`` holds each level's detached Dice,
+    BCE and consistency (keys as :meth:`~gazemonai.train.losses.MultiLevelGazeLoss.terms`) for
+    :class:`~gazemonai.train.handlers.LossTerms`.
 
     Args:
         step_in_backward: attach :class:`StepInBackward` to the engine's optimizer on the first
@@ -291,7 +293,7 @@ class LevelwiseTrainStep:
             total = total + loss.detach()
             if i == 0:  # the total is known: the iteration's loss is complete
                 engine.state.output[CommonKeys.LOSS] = total
-                engine.state.output["loss_terms"] = _with_sums(loss_terms, total)
+                engine.state.loss_terms = _with_sums(loss_terms, total)
                 engine.fire_event(IterationEvents.LOSS_COMPLETED)
             loss.backward()
             peers[i] = logits.detach()

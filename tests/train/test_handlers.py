@@ -103,8 +103,7 @@ def test_loss_terms_are_epoch_means_of_every_iteration(step):
         loss_function=loss,
         prepare_batch=MultiLevelPrepareBatch(output="train"),
         iteration_update=train_iteration(step),
-        decollate=False,
-    )
+    )  # decollate=True, as in the bundles: the output becomes one item per image
     LossTerms(loss).attach(trainer)
     seen, means = [], []
     trainer.add_event_handler(
@@ -112,17 +111,20 @@ def test_loss_terms_are_epoch_means_of_every_iteration(step):
     )
     trainer.add_event_handler(
         Events.ITERATION_COMPLETED,
-        lambda e: seen.append({k: v.item() for k, v in e.state.output["loss_terms"].items()}),
+        lambda e: seen.append({k: v.item() for k, v in e.state.loss_terms.items()}),
     )
     trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: means.append(dict(e.state.metrics)))
     trainer.run()
+    assert len(trainer.state.output) == 2 and all(
+        set(o) >= {"image", "label", "pred"} for o in trainer.state.output
+    )
     assert len(means) == 2 and len(seen) == 3  # the second epoch's three iterations
     expected = {f"train_loss_{k}": sum(s[k] for s in seen) / 3 for k in seen[0]}
     assert set(expected) == {
         f"train_loss_{t}" for t in ("dice_1", "bce_1", "consistency_1", "dice_2", "bce_2", "consistency_2")
     } | {"train_loss_consistency", "train_loss_total"}
     assert means[1] == pytest.approx(expected, rel=1e-6)
-    assert means[1]["train_loss_total"] == pytest.approx(trainer.state.output["loss"].item(), rel=0.5)
+    assert means[1]["train_loss_total"] == pytest.approx(float(trainer.state.output[0]["loss"]), rel=0.5)
 
 
 def test_latest_checkpoint_round_trip(tmp_path):

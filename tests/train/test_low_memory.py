@@ -227,7 +227,7 @@ def test_levelwise_step_fires_each_event_where_it_happens():
     assert loss[1:3] == (True, True)
     assert forward[3] == loss[3] == per_level  # only level 2 has run its backward pass so far
     assert backward[3] == n_params and backward[4] == n_params  # every gradient, before the step
-    assert torch.is_tensor(trainer.state.output["loss"]) and "dice_1" in trainer.state.output["loss_terms"]
+    assert torch.is_tensor(trainer.state.output["loss"]) and "dice_1" in trainer.state.loss_terms
     assert model[4] == n_params
 
 
