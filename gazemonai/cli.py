@@ -14,15 +14,76 @@ Commands::
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import inspect
 import json
 import logging
+import math
+import os
 import sys
+from pathlib import Path
 
 from .errors import GazemonaiError, InvalidInputError
 
 __all__ = ["main", "prepare_slices", "pseudo_masks", "register", "simulate_gaze"]
 
 logger = logging.getLogger("gazemonai")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _int_option(name: str, value, minimum: int, optional: bool = True) -> int | None:
+    """``value`` of option ``--name`` as an integer >= ``minimum`` (``None`` allowed when optional)."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InvalidInputError(f"{_flag(name)} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _number_option(name: str, value, positive: bool = True) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidInputError(f"{_flag(name)} must be a number, got {value!r}")
+    if positive and value <= 0:
+        raise InvalidInputError(f"{_flag(name)} must be > 0, got {value!r}")
+    return float(value)
+
+
+def _output_folder(name: str, path, create: bool = True) -> Path:
+    """An output folder that is (or can be made) writable, or one line saying why not.
+
+    With ``create`` it is made now; otherwise only the folder it would be made in is checked.
+    """
+    path = Path(str(path))
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        where = "" if existing == path else f" (in {path})"
+        raise InvalidInputError(f"{_flag(name)}: {existing} is a file, not a folder{where}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InvalidInputError(f"{_flag(name)} {path}: {existing} is not writable")
+    if create:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InvalidInputError(f"{_flag(name)} {path}: cannot create the folder ({e.strerror})") from e
+    return path
+
+
+def _output_file(name: str, path) -> Path:
+    """An output file whose folder exists (created) and is writable."""
+    path = Path(str(path))
+    if path.is_dir():
+        raise InvalidInputError(
+            f"{_flag(name)} {path} is a folder; give a file name such as {path / 'gaze.csv'}"
+        )
+    _output_folder(name, path.parent)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise InvalidInputError(f"{_flag(name)} {path}: the file is not writable")
+    return path
 
 
 def _floats(value) -> tuple[float, ...] | None:
@@ -90,14 +151,22 @@ def pseudo_masks(
 
     if preset not in PRESETS:
         raise InvalidInputError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
-    config = PRESETS[preset].replace(thresholds=_floats(thresholds), sigma=sigma, heatmap_mode=heatmap_mode)
+    for name, value in (("full_resolution", full_resolution), ("no_crf", no_crf), ("strict", strict)):
+        if not isinstance(value, bool):
+            raise InvalidInputError(f"{_flag(name)} takes no value, got {value!r}")
+    limit, workers = _int_option("limit", limit, 1), _int_option("workers", workers, 1)
+    max_side = _int_option("max_side", max_side, 1)
+    config = PRESETS[preset].replace(
+        thresholds=_floats(thresholds), sigma=_number_option("sigma", sigma), heatmap_mode=heatmap_mode
+    )  # the config checks every value it holds (range, choices), naming it
     if max_side is not None:
-        config = config.replace(max_side=int(max_side))
+        config = config.replace(max_side=max_side)
     if full_resolution:
         config = dataclasses.replace(config, max_side=None)
     if no_crf:
         config = dataclasses.replace(config, refine=False)
     ids = read_ids(split) if split else None
+    _output_folder("out", out)
     summary = run_pseudo_masks(
         data_root,
         gaze_csv,
@@ -151,10 +220,12 @@ def simulate_gaze(
     from .gaze.simulate import GazeSimulator, simulate_gaze_folder
     from .prep.io import read_ids
 
+    seed = _int_option("seed", seed, 0, optional=False)
+    if image_suffix is not None and (not isinstance(image_suffix, str) or not image_suffix.startswith(".")):
+        raise InvalidInputError(f"--image-suffix must be an extension such as .jpg, got {image_suffix!r}")
     ids = read_ids(split) if split else None
-    summary = simulate_gaze_folder(
-        masks, out, GazeSimulator(seed=int(seed)), ids=ids, image_suffix=image_suffix
-    )
+    _output_file("out", out)
+    summary = simulate_gaze_folder(masks, out, GazeSimulator(seed=seed), ids=ids, image_suffix=image_suffix)
     print(f"simulated {summary['fixations']} fixations on {summary['images']} images -> {summary['csv']}")
     print(json.dumps(summary))
 
@@ -243,12 +314,16 @@ def prepare_slices(
         raise InvalidInputError("--nifti-images and --nifti-masks go together")
     if dicom and not (dicom_root and labels_root):
         raise InvalidInputError("--dicom-root and --labels-root go together")
+    seed = _int_option("seed", seed, 0, optional=False)
+    if not 0.0 <= _number_option("test_fraction", test_fraction, positive=False) < 1.0:
+        raise InvalidInputError(f"--test-fraction must be in [0, 1), got {test_fraction!r}")
+    _output_folder("out", out, create=False)  # made only once every volume has been read in full
     cases = nifti_cases(nifti_images, nifti_masks) if nifti else nci_isbi_cases(dicom_root, labels_root)
     if isinstance(test_patients, str):
         test_patients = [p.strip() for p in test_patients.split(",") if p.strip()]
     elif isinstance(test_patients, (int, float)):
         test_patients = [str(test_patients)]
-    summary = run(cases, out, test_fraction=float(test_fraction), seed=int(seed), test_patients=test_patients)
+    summary = run(cases, out, test_fraction=float(test_fraction), seed=seed, test_patients=test_patients)
     print(
         f"prepared {summary['slices']} gland slices of {summary['patients']} patients: "
         f"train {summary['train_slices']} ({', '.join(summary['train_patients'])}), "
@@ -265,11 +340,38 @@ COMMANDS = {
 }
 
 
+def _check_flags(argv: list[str]) -> None:
+    """Refuse an unknown ``--option`` before the command runs.
+
+    fire runs a command with the options it recognised and complains about the others only
+    afterwards, so a misspelled option would run a whole job with its default first.
+    """
+    if not argv or argv[0] not in COMMANDS:
+        return
+    command, params = argv[0], inspect.signature(COMMANDS[argv[0]]).parameters
+    for token in argv[1:]:
+        if token == "--":  # fire's own flags follow
+            break
+        if not token.startswith("--") or token == "--help":
+            continue
+        name = token[2:].split("=", 1)[0].replace("-", "_")
+        negated = name.startswith("no") and isinstance(getattr(params.get(name[2:]), "default", None), bool)
+        if name in params or negated:
+            continue
+        close = difflib.get_close_matches(name, list(params), n=1)
+        hint = f" (did you mean {_flag(close[0])}?)" if close else ""
+        raise InvalidInputError(
+            f"{command}: unknown option {_flag(name)}{hint}; `gazemonai {command} --help` lists the options"
+        )
+
+
 def main(argv=None) -> None:
     import fire
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        _check_flags(argv)
         fire.Fire(COMMANDS, command=argv, name="gazemonai")
     except GazemonaiError as e:  # the user's input or settings; anything else is a bug: traceback
         logger.debug("error details", exc_info=True)

@@ -20,6 +20,7 @@ __all__ = [
     "ImageReadError",
     "CheckpointMismatchError",
     "CheckpointReadError",
+    "TrackingUnavailableError",
 ]
 
 
@@ -49,3 +50,7 @@ class CheckpointMismatchError(InvalidInputError):
 
 class CheckpointReadError(InvalidInputError):
     """A checkpoint file that is not a torch checkpoint of plain weights (corrupt, or holding code)."""
+
+
+class TrackingUnavailableError(GazemonaiError, ConnectionError):
+    """The MLflow tracking server (or store) cannot be reached; the message names its URI."""

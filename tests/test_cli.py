@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -220,3 +221,286 @@ def test_a_bad_threshold_list_is_a_clear_error(dataset, tmp_path):
     assert "--thresholds must be numbers" in p.stderr and "Traceback" not in p.stderr
     p = pseudo_masks(dataset, tmp_path / "o", "--split", tmp_path / "no_such_split.txt", check_rc=2)
     assert "split file not found" in p.stderr and "no_such_split.txt" in p.stderr
+
+
+# -- every bad input: exit 2 with one line naming the option, file or line; nothing valid lost --------
+
+GOOD_CSV = (
+    "IMAGE,CURRENT_FIX_INDEX,CURRENT_FIX_X,CURRENT_FIX_Y,CURRENT_FIX_DURATION,IMAGE_HEIGHT,IMAGE_WIDTH\n"
+)
+
+
+def _write(path, text, binary=False):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(text) if binary else path.write_text(text)
+    return path
+
+
+def _csv(name, rows, header=GOOD_CSV):
+    """``--gaze-csv`` with a file ``name`` of ``header`` and ``rows``, made in the data folder."""
+    return lambda d, o: ["--gaze-csv", _write(d / name, header + rows)]
+
+
+BAD_PSEUDO_MASKS = {
+    # what is wrong: (extra arguments or a function of the folders giving them, words the message holds)
+    "max-side 0": (["--max-side", "0"], "--max-side must be an integer >= 1, got 0"),
+    "max-side below the CRF's minimum": (["--max-side", "8"], "max_side must be an integer >= 16"),
+    "max-side negative": (["--max-side", "-5"], "--max-side must be an integer >= 1, got -5"),
+    "max-side not a number": (["--max-side", "abc"], "--max-side must be an integer"),
+    "sigma negative": (["--sigma", "-3"], "--sigma must be > 0, got -3"),
+    "sigma zero": (["--sigma", "0"], "--sigma must be > 0"),
+    "sigma not a number": (["--sigma", "wide"], "--sigma must be a number"),
+    "threshold above 1": (["--thresholds", "0.5,1.5"], "thresholds must be one or more numbers in (0, 1]"),
+    "threshold 0": (["--thresholds", "0"], "thresholds must be one or more numbers in (0, 1]"),
+    "threshold not a number": (["--thresholds", "0.5,abc"], "--thresholds must be numbers"),
+    "unknown heatmap mode": (["--heatmap-mode", "fancy"], "heatmap_mode must be 'fast' or 'reference'"),
+    "unknown preset": (["--preset", "liver"], "unknown preset 'liver'"),
+    "no workers": (["--workers", "0"], "--workers must be an integer >= 1"),
+    "negative workers": (["--workers", "-2"], "--workers must be an integer >= 1"),
+    "limit 0": (["--limit", "0"], "--limit must be an integer >= 1"),
+    "a flag with a value": (["--full-resolution=5"], "--full-resolution takes no value"),
+    "misspelled option": (["--max-sid", "5"], "unknown option --max-sid (did you mean --max-side?)"),
+    "misspelled option name": (["--gaze-cvs", "x.csv"], "unknown option --gaze-cvs"),
+    "out is a file": (lambda d, o: ["--out", d / "gaze.csv"], "gaze.csv is a file, not a folder"),
+    "out inside a file": (lambda d, o: ["--out", d / "gaze.csv" / "sub"], "gaze.csv is a file, not a folder"),
+    "csv missing": (lambda d, o: ["--gaze-csv", d / "none.csv"], "fixation CSV not found"),
+    "csv not UTF-8": (
+        lambda d, o: [
+            "--gaze-csv",
+            _write(d / "latin.csv", GOOD_CSV.encode() + b"synth_0\xe9.png,1,0.5,0.5,300,96,128\n", True),
+        ],
+        "latin.csv, line 2: not UTF-8 text (byte 0xe9",
+    ),
+    "csv empty": (lambda d, o: ["--gaze-csv", _write(d / "empty.csv", "")], "empty.csv: the file is empty"),
+    "csv header only": (_csv("h.csv", ""), "h.csv: the file has a header but no"),
+    "csv column missing": (
+        _csv("c.csv", "a.png,0.5\n", "IMAGE,CURRENT_FIX_X\n"),
+        "missing column(s) CURRENT_FIX_INDEX",
+    ),
+    "csv x outside [0, 1]": (
+        _csv("x.csv", "synth_000.png,1,1.5,0.5,300,96,128\n"),
+        "x.csv, line 2: CURRENT_FIX_X=1.5 is outside [0, 1]",
+    ),
+    "csv duration NaN": (
+        _csv("n.csv", "synth_000.png,1,0.5,0.5,nan,96,128\n"),
+        "n.csv, line 2: CURRENT_FIX_DURATION='nan' is not a finite number",
+    ),
+    "csv repeated fixation": (
+        _csv("r.csv", "synth_000.png,1,0.5,0.5,300,96,128\n" * 2),
+        "r.csv, line 3: image synth_000.png repeats CURRENT_FIX_INDEX=1",
+    ),
+    "csv image size changes": (
+        _csv("s.csv", "a.png,1,0.5,0.5,300,96,128\na.png,2,0.5,0.5,300,90,128\n"),
+        "s.csv, line 3: image a.png has size 90x128 here but 96x128 at line 2",
+    ),
+    "csv image with a path": (
+        _csv("p.csv", "sub/a.png,1,0.5,0.5,300,96,128\n"),
+        "p.csv, line 2: IMAGE 'sub/a.png' contains a path separator",
+    ),
+    "csv size not an integer": (
+        _csv("z.csv", "a.png,1,0.5,0.5,300,96.5,128\n"),
+        "z.csv, line 2: IMAGE_HEIGHT/IMAGE_WIDTH=96.5/128.0 must be positive integers",
+    ),
+    "split file missing": (lambda d, o: ["--split", d / "nope.txt"], "split file not found"),
+    "split leaves the folder": (
+        lambda d, o: ["--split", _write(d / "bad.txt", "../secret\n")],
+        "refers outside",
+    ),
+    "data root missing": (lambda d, o: ["--data-root", d / "nowhere"], "image folder not found"),
+    "images dir missing": (["--images-dir", "pictures"], "image folder not found"),
+    "strict and an image without fixations": (
+        lambda d, o: ["--strict", "--split", _write(d / "ids.txt", "synth_000\nnot_there\n")],
+        "no fixations for image 'not_there'",
+    ),
+}
+
+
+def _snapshot(folder):
+    """Every file under ``folder`` (but the lock) with its content."""
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
+
+
+@pytest.fixture(scope="module")
+def done_output(tmp_path_factory, synthetic_root):
+    """A data set and a finished pseudo-masks run into OUT, which bad runs must leave as it is."""
+    root = tmp_path_factory.mktemp("cli")
+    data = root / "data"
+    shutil.copytree(synthetic_root, data)
+    out = root / "out"
+    from gazemonai.cli import main
+
+    main(["pseudo-masks", "--data-root", str(data), "--gaze-csv", str(data / "gaze.csv"), "--out", str(out),
+          "--quiet", "--workers", "1"])  # fmt: skip
+    assert (out / "manifest.json").is_file()
+    return data, out, _snapshot(out)
+
+
+@pytest.mark.parametrize("problem", list(BAD_PSEUDO_MASKS))
+def test_pseudo_masks_refuses_bad_input_before_any_work(done_output, problem, capsys):
+    from gazemonai.cli import main
+
+    data, out, before = done_output
+    extra, words = BAD_PSEUDO_MASKS[problem]
+    extra = [str(a) for a in (extra(data, out) if callable(extra) else extra)]
+    args = [
+        "--data-root",
+        str(data),
+        "--gaze-csv",
+        str(data / "gaze.csv"),
+        "--out",
+        str(out),
+        "--quiet",
+        "--workers",
+        "1",
+    ]
+    names = {a for a in extra if a.startswith("--")}
+    args = [a for i, a in enumerate(args) if not (a in names or (i and args[i - 1] in names))] + extra
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pseudo-masks", *args])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2, err
+    assert err.startswith("gazemonai: error: ") and words in err and "\n" not in err, err
+    assert _snapshot(out) == before  # the finished run's files, records and manifest are untouched
+
+
+BAD_SIMULATE = {
+    "masks folder missing": (
+        lambda d: ["--masks", d / "nowhere", "--out", d / "g.csv"],
+        "mask folder not found",
+    ),
+    "out is a folder": (lambda d: ["--masks", d / "masks", "--out", d], "is a folder; give a file name"),
+    "out inside a file": (
+        lambda d: ["--masks", d / "masks", "--out", d / "gaze.csv" / "g.csv"],
+        "is a file, not a folder",
+    ),
+    "negative seed": (
+        lambda d: ["--masks", d / "masks", "--out", d / "g.csv", "--seed", "-1"],
+        "--seed must be an integer >= 0",
+    ),
+    "seed not a number": (
+        lambda d: ["--masks", d / "masks", "--out", d / "g.csv", "--seed", "x"],
+        "--seed must be an integer",
+    ),
+    "suffix without a dot": (
+        lambda d: ["--masks", d / "masks", "--out", d / "g.csv", "--image-suffix", "jpg"],
+        "--image-suffix must be an extension such as .jpg",
+    ),
+    "split names a missing mask": (
+        lambda d: ["--masks", d / "masks", "--out", d / "g.csv", "--split", _write(d / "s.txt", "ghost\n")],
+        "no file for 'ghost'",
+    ),
+    "unreadable mask": (
+        lambda d: [
+            "--masks",
+            _write(d / "bad_masks" / "m.png", b"\x89PNG garbage", True).parent,
+            "--out",
+            d / "g.csv",
+        ],
+        "cannot read image",
+    ),
+    "misspelled option": (
+        lambda d: ["--mask", d / "masks", "--out", d / "g.csv"],
+        "unknown option --mask (did you mean --masks?)",
+    ),
+}
+
+
+@pytest.mark.parametrize("problem", list(BAD_SIMULATE))
+def test_simulate_gaze_refuses_bad_input(done_output, problem, capsys):
+    from gazemonai.cli import main
+
+    data, _, _ = done_output
+    make, words = BAD_SIMULATE[problem]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["simulate-gaze", *map(str, make(data))])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and words in err and err.count("\n") == 0, err
+    assert not (data / "g.csv").exists()
+
+
+BAD_PREPARE = {
+    "both layouts": (["--dicom-root", "x", "--labels-root", "y"], "give either --nifti-images"),
+    "images without masks": (
+        ["--nifti-images", "{d}/images"],
+        "--nifti-images and --nifti-masks go together",
+    ),
+    "test fraction 1": (["--test-fraction", "1.0"], "--test-fraction must be in [0, 1)"),
+    "test fraction not a number": (["--test-fraction", "most"], "--test-fraction must be a number"),
+    "negative seed": (["--seed", "-3"], "--seed must be an integer >= 0"),
+    "unknown test patient": (["--test-patients", "999"], "test patients ['999'] are not among the cases"),
+    "out is a file": (["--out", "{d}/images/001_t2.nii.gz"], "is a file, not a folder"),
+    "no NIfTI images": (["--nifti-images", "{d}/masks/none"], "no NIfTI images"),
+    "misspelled option": (
+        ["--test-patient", "001"],
+        "unknown option --test-patient (did you mean --test-patients?)",
+    ),
+}
+
+
+@pytest.mark.parametrize("problem", list(BAD_PREPARE))
+def test_prepare_slices_refuses_bad_options(tmp_path, problem, capsys):
+    import nibabel as nib
+
+    from gazemonai.cli import main
+
+    for case in ("001", "020"):
+        for folder, name in (("images", f"{case}_t2"), ("masks", f"{case}_t2_seg")):
+            (tmp_path / folder).mkdir(exist_ok=True)
+            nib.save(
+                nib.Nifti1Image(np.ones((8, 8, 3), np.float32), np.eye(4)),
+                tmp_path / folder / f"{name}.nii.gz",
+            )
+    (tmp_path / "masks" / "none").mkdir()
+    extra, words = BAD_PREPARE[problem]
+    extra = [a.format(d=tmp_path) for a in extra]
+    args = {
+        "--out": str(tmp_path / "out"),
+        "--nifti-images": str(tmp_path / "images"),
+        "--nifti-masks": str(tmp_path / "masks"),
+    }
+    if problem == "images without masks":
+        args = {"--out": args["--out"]}
+    for key, value in zip(extra[::2], extra[1::2]):
+        args[key] = value
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prepare-slices", *[x for kv in args.items() for x in kv]])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and words in err and err.count("\n") == 0, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_second_run_into_the_same_out_is_refused_while_the_first_writes(done_output, tmp_path):
+    from gazemonai.gaze.dataset import _exclusive
+
+    data, out, before = done_output
+    with _exclusive(out):  # as a running `gazemonai pseudo-masks` holds it
+        p = run(
+            "pseudo-masks", "--data-root", data, "--gaze-csv", data / "gaze.csv", "--out", out, check_rc=2
+        )
+    assert f"{out} is being written by another `gazemonai pseudo-masks` (pid {os.getpid()})" in p.stderr
+    assert _snapshot(out) == before
+
+
+def test_resume_trusts_only_files_as_they_were_written(dataset, tmp_path):
+    out = tmp_path / "out"
+    pseudo_masks(dataset, out, "--quiet", "--workers", "1")
+    level = out / "level_1" / "synth_001.png"
+    original = level.read_bytes()
+    Image.fromarray(np.zeros((96, 128), np.uint8)).save(level)  # another run's (or a half-finished) file
+    (out / "heatmap" / "synth_002.png").unlink()
+    summary = last_json(pseudo_masks(dataset, out, "--quiet", "--workers", "1"))
+    assert summary["done"] == 2 and summary["resumed"] == 4  # the two touched images are made again
+    assert level.read_bytes() == original
+
+
+def test_a_decompression_bomb_fails_only_itself(dataset, tmp_path):
+    Image.new("1", (20000, 12000)).save(dataset / "images" / "synth_003.png")  # 240 M pixels claimed
+    p = pseudo_masks(dataset, tmp_path / "out", "--quiet", "--workers", "1", check_rc=1)
+    summary = last_json(p)
+    assert summary["failed"] == 1 and summary["done"] == 5
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert "too large to be read safely" in manifest["failed"]["synth_003"]

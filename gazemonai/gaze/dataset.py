@@ -25,9 +25,14 @@ What happens to bad input (all counted and listed in the summary and the manifes
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import hashlib
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
@@ -89,11 +94,14 @@ def _process(job: PseudoMaskJob) -> dict:
             rec["gaze_size"] = [job.fixations.height, job.fixations.width]
         res = make_pseudo_masks(img, job.fixations.as_array(), job.config)
         out = Path(job.out_dir)
+        written = []
         if job.save_maps:
-            write_png(out / "heatmap" / f"{stem}.png", res.heatmap)
-            write_png(out / "refined" / f"{stem}.png", res.refined)
+            written.append(write_png(out / "heatmap" / f"{stem}.png", res.heatmap))
+            written.append(write_png(out / "refined" / f"{stem}.png", res.refined))
         for d, lvl in zip(level_dirs(len(res.levels)), res.levels):
-            write_png(out / d / f"{stem}.png", lvl.astype(bool))
+            written.append(write_png(out / d / f"{stem}.png", lvl.astype(bool)))
+        # what a resumed run checks before it trusts these files: each one's content, as written
+        rec["files"] = {p.relative_to(out).as_posix(): _sha256(p) for p in written}
         rec["status"] = "done"
         rec["size"] = list(size)
         rec["fixations"] = len(job.fixations)
@@ -106,10 +114,68 @@ def _process(job: PseudoMaskJob) -> dict:
     return rec
 
 
-def _init_worker():
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _complete(record: dict | None, out_dir: Path, files: list[Path], digest: str) -> bool:
+    """A record a resumed run may trust: done with these parameters, and every file as it was written."""
+    if record is None or record.get("status") != "done" or record.get("digest") != digest:
+        return False
+    hashes = record.get("files") or {}
+    for path in files:
+        rel = path.relative_to(out_dir).as_posix()
+        if rel not in hashes or not path.is_file() or _sha256(path) != hashes[rel]:
+            return False
+    return True
+
+
+def _init_worker(parent: int) -> None:
+    """A pool worker: one thread for torch, and it ends when the process that started it dies."""
     import torch
 
     torch.set_num_threads(1)
+    try:  # Linux: the kernel kills this worker when its parent dies, even by kill -9
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True, name="watch-parent").start()
+
+
+def _watch_parent(parent: int) -> None:
+    """Elsewhere (and as a second line): exit once the parent is gone (the worker is re-parented)."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
+@contextlib.contextmanager
+def _exclusive(out_dir: Path):
+    """Hold ``OUT/.lock`` for the run: a second run into the same folder stops at once, saying so."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, as before
+        yield
+        return
+    path = out_dir / ".lock"
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            owner = f.read().strip() or "another process"
+            raise InvalidInputError(
+                f"{out_dir} is being written by another `gazemonai pseudo-masks` ({owner}); "
+                "wait for it to finish or give another --out"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _load_records(path: Path) -> dict[str, dict]:
@@ -184,124 +250,122 @@ def run_pseudo_masks(
     if limit is not None:
         wanted = wanted[: int(limit)]
 
-    skipped: dict[str, list[str]] = {"missing": [], "no_gaze": [], "resumed": []}
     out_dir.mkdir(parents=True, exist_ok=True)
-    records_path = out_dir / "records.jsonl"
-    previous = _load_records(records_path)
-    digest = config.digest()
-    jobs: list[PseudoMaskJob] = []
-    for stem in wanted:
-        fx = by_stem.get(stem)
-        if fx is None:
-            if strict:
-                raise InvalidInputError(f"{gaze_csv}: no fixations for image {stem!r}")
-            skipped["no_gaze"].append(stem)
-            continue
-        try:
-            image_path = resolve_in_folder(img_folder, fx.image)
-        except FileNotFoundError as e:
-            if strict:
-                raise
-            logger.debug("%s", e)
-            skipped["missing"].append(stem)
-            continue
-        prev = previous.get(stem)
-        if (
-            prev is not None
-            and prev.get("status") == "done"
-            and prev.get("digest") == digest
-            and bool(prev.get("maps", True)) >= save_maps
-            and all(p.is_file() for p in _output_files(out_dir, stem, len(config.thresholds), save_maps))
-        ):
-            skipped["resumed"].append(stem)
-            continue
-        mask_path = None
-        if mask_folder is not None:
-            try:
-                mask_path = str(resolve_in_folder(mask_folder, fx.image))
-            except FileNotFoundError:
-                mask_path = None
-        jobs.append(PseudoMaskJob(str(image_path), mask_path, fx, str(out_dir), config, save_maps))
-
-    workers = max(1, int(workers or os.cpu_count() or 1))
-    new_records: list[dict] = []
-    t0 = time.perf_counter()
-    bar = None
-    if progress and jobs:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(jobs), desc="pseudo-masks", unit="img")
-    with open(records_path, "a") as rec_file:
-
-        def _keep(rec: dict):
-            rec["maps"] = save_maps
-            rec_file.write(json.dumps(rec) + "\n")
-            rec_file.flush()
-            new_records.append(rec)
-            if rec["status"] == "failed":
-                logger.warning("failed: %s: %s", rec["image"], rec["error"])
-            if bar is not None:
-                bar.update(1)
-
-        if workers == 1 or len(jobs) <= 1:
-            for job in jobs:
-                _keep(_process(job))
-        else:
-            with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), initializer=_init_worker) as pool:
-                for rec in pool.map(_process, jobs, chunksize=1):
-                    _keep(rec)
-    if bar is not None:
-        bar.close()
-    elapsed = time.perf_counter() - t0
-
-    # the summary covers every image of this run, including those done by an earlier, resumed run
-    all_records = _load_records(records_path)
-    considered = [
-        all_records[s] for s in wanted if s in all_records and all_records[s].get("digest") == digest
-    ]
-    done = [r for r in considered if r["status"] == "done"]
-    failed = [r for r in new_records if r["status"] == "failed"]
     n_levels = len(config.thresholds)
-    dice = {}
-    with_gt = [r for r in done if "dice" in r]
-    if with_gt:
-        for k, t in enumerate(config.thresholds):
-            dice[f"level_{k + 1}"] = {
-                "threshold": t,
-                "mean_dice": float(np.mean([r["dice"][k] for r in with_gt])),
-            }
-    summary = {
-        "images_requested": len(wanted),
-        "done": len(new_records) - len(failed),
-        "resumed": len(skipped["resumed"]),
-        "skipped_missing": len(skipped["missing"]),
-        "skipped_no_gaze": len(skipped["no_gaze"]),
-        "failed": len(failed),
-        "images_with_gt": len(with_gt),
-        "dice_vs_gt": dice,
-        "dice_convention": EMPTY_CONVENTION if dice else None,
-        "gaze_size_mismatch": sum(1 for r in done if "gaze_size" in r),
-        "seconds": round(elapsed, 2),
-        "s_per_image": round(elapsed / max(1, len(new_records)), 4),
-        "workers": workers,
-    }
-    manifest = {
-        "tool": "gazemonai pseudo-masks",
-        "data_root": str(data_root),
-        "gaze_csv": str(gaze_csv),
-        "config": config.to_dict(),
-        "digest": digest,
-        "outputs": {
-            "heatmap": "heatmap" if save_maps else None,
-            "refined": "refined" if save_maps else None,
-            "levels": dict(zip(level_dirs(n_levels), config.thresholds)),
-        },
-        "summary": summary,
-        "skipped": {k: v for k, v in skipped.items() if k != "resumed"},
-        "failed": {r["id"]: r["error"] for r in failed},
-        "completed": sorted(r["id"] for r in done),
-    }
-    tmp = out_dir / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, out_dir / "manifest.json")
+    with _exclusive(out_dir):
+        skipped: dict[str, list[str]] = {"missing": [], "no_gaze": [], "resumed": []}
+        records_path = out_dir / "records.jsonl"
+        previous = _load_records(records_path)
+        digest = config.digest()
+        jobs: list[PseudoMaskJob] = []
+        for stem in wanted:
+            fx = by_stem.get(stem)
+            if fx is None:
+                if strict:
+                    raise InvalidInputError(f"{gaze_csv}: no fixations for image {stem!r}")
+                skipped["no_gaze"].append(stem)
+                continue
+            try:
+                image_path = resolve_in_folder(img_folder, fx.image)
+            except FileNotFoundError as e:
+                if strict:
+                    raise
+                logger.debug("%s", e)
+                skipped["missing"].append(stem)
+                continue
+            if _complete(
+                previous.get(stem), out_dir, _output_files(out_dir, stem, n_levels, save_maps), digest
+            ):
+                skipped["resumed"].append(stem)
+                continue
+            mask_path = None
+            if mask_folder is not None:
+                try:
+                    mask_path = str(resolve_in_folder(mask_folder, fx.image))
+                except FileNotFoundError:
+                    mask_path = None
+            jobs.append(PseudoMaskJob(str(image_path), mask_path, fx, str(out_dir), config, save_maps))
+
+        workers = max(1, int(workers or os.cpu_count() or 1))
+        new_records: list[dict] = []
+        t0 = time.perf_counter()
+        bar = None
+        if progress and jobs:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(jobs), desc="pseudo-masks", unit="img")
+        with open(records_path, "a") as rec_file:
+
+            def _keep(rec: dict):
+                rec["maps"] = save_maps
+                rec_file.write(json.dumps(rec) + "\n")
+                rec_file.flush()
+                new_records.append(rec)
+                if rec["status"] == "failed":
+                    logger.warning("failed: %s: %s", rec["image"], rec["error"])
+                if bar is not None:
+                    bar.update(1)
+
+            if workers == 1 or len(jobs) <= 1:
+                for job in jobs:
+                    _keep(_process(job))
+            else:
+                with ProcessPoolExecutor(
+                    max_workers=min(workers, len(jobs)), initializer=_init_worker, initargs=(os.getpid(),)
+                ) as pool:
+                    for rec in pool.map(_process, jobs, chunksize=1):
+                        _keep(rec)
+        if bar is not None:
+            bar.close()
+        elapsed = time.perf_counter() - t0
+
+        # the summary covers every image of this run, including those done by an earlier, resumed run
+        all_records = _load_records(records_path)
+        considered = [
+            all_records[s] for s in wanted if s in all_records and all_records[s].get("digest") == digest
+        ]
+        done = [r for r in considered if r["status"] == "done"]
+        failed = [r for r in new_records if r["status"] == "failed"]
+        dice = {}
+        with_gt = [r for r in done if "dice" in r]
+        if with_gt:
+            for k, t in enumerate(config.thresholds):
+                dice[f"level_{k + 1}"] = {
+                    "threshold": t,
+                    "mean_dice": float(np.mean([r["dice"][k] for r in with_gt])),
+                }
+        summary = {
+            "images_requested": len(wanted),
+            "done": len(new_records) - len(failed),
+            "resumed": len(skipped["resumed"]),
+            "skipped_missing": len(skipped["missing"]),
+            "skipped_no_gaze": len(skipped["no_gaze"]),
+            "failed": len(failed),
+            "images_with_gt": len(with_gt),
+            "dice_vs_gt": dice,
+            "dice_convention": EMPTY_CONVENTION if dice else None,
+            "gaze_size_mismatch": sum(1 for r in done if "gaze_size" in r),
+            "seconds": round(elapsed, 2),
+            "s_per_image": round(elapsed / max(1, len(new_records)), 4),
+            "workers": workers,
+        }
+        manifest = {
+            "tool": "gazemonai pseudo-masks",
+            "data_root": str(data_root),
+            "gaze_csv": str(gaze_csv),
+            "config": config.to_dict(),
+            "digest": digest,
+            "outputs": {
+                "heatmap": "heatmap" if save_maps else None,
+                "refined": "refined" if save_maps else None,
+                "levels": dict(zip(level_dirs(n_levels), config.thresholds)),
+            },
+            "summary": summary,
+            "skipped": {k: v for k, v in skipped.items() if k != "resumed"},
+            "failed": {r["id"]: r["error"] for r in failed},
+            "completed": sorted(r["id"] for r in done),
+        }
+        tmp = out_dir / "manifest.json.tmp"
+        tmp.write_text(json.dumps(manifest, indent=2))
+        os.replace(tmp, out_dir / "manifest.json")
     return summary

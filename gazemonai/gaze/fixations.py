@@ -115,39 +115,21 @@ def _optional_number(value: str | None, column: str, where: str) -> float:
     return _number(value, column, where)
 
 
-def read_fixation_csv(
-    path: str | os.PathLike,
-    images: Iterable[str] | None = None,
-) -> dict[str, ImageFixations]:
-    """Read and validate a GazeMedSeg-style fixation CSV.
+def _decode_error(path: Path, error: UnicodeDecodeError) -> str:
+    """Where a file stops being UTF-8 text: its line (the decoder reads ahead, so find it in the bytes)."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+        offset = error.start
+    except UnicodeDecodeError as e:
+        offset = e.start
+    line = data[:offset].count(b"\n") + 1
+    byte = f"0x{data[offset]:02x}" if offset < len(data) else "the end"
+    return f"{path}, line {line}: not UTF-8 text (byte {byte} at offset {offset}); save the CSV as UTF-8"
 
-    Args:
-        path: the CSV file.
-        images: optional subset of ``IMAGE`` values (or their stems) to keep; rows of other images are
-            still validated, so a broken file is never half-read.
 
-    Returns:
-        ``{IMAGE: ImageFixations}``, in order of first appearance, fixations sorted by
-        ``CURRENT_FIX_INDEX``.
-
-    Raises:
-        MissingInputError: when the file does not exist (a ``FileNotFoundError``).
-        FixationFormatError: for an empty file, missing columns, a non-numeric/NaN/infinite value, a
-            coordinate outside [0, 1], a non-positive duration or image size, an IMAGE with a path
-            separator or ``..``, duplicated fixation indices, or image sizes that change between
-            rows of one image. The message names the file and line.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise MissingInputError(f"fixation CSV not found: {path}")
-    wanted = None
-    if images is not None:
-        wanted = set()
-        for name in images:
-            wanted.add(name)
-            wanted.add(os.path.splitext(name)[0])
-
-    per_image: dict[str, dict[str, list]] = {}
+def _read_rows(path: Path, per_image: dict) -> int:
+    """Validate every row of ``path`` into ``per_image``; returns the number of rows."""
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None:
@@ -200,6 +182,46 @@ def read_fixation_csv(
                     f"{rec['hw'][0]}x{rec['hw'][1]} at line {rec['first_line']}"
                 )
             rec["cols"].append((idx, x, y, dur, start, pupil, line))
+    return n_rows
+
+
+def read_fixation_csv(
+    path: str | os.PathLike,
+    images: Iterable[str] | None = None,
+) -> dict[str, ImageFixations]:
+    """Read and validate a GazeMedSeg-style fixation CSV.
+
+    Args:
+        path: the CSV file.
+        images: optional subset of ``IMAGE`` values (or their stems) to keep; rows of other images are
+            still validated, so a broken file is never half-read.
+
+    Returns:
+        ``{IMAGE: ImageFixations}``, in order of first appearance, fixations sorted by
+        ``CURRENT_FIX_INDEX``.
+
+    Raises:
+        MissingInputError: when the file does not exist (a ``FileNotFoundError``).
+        FixationFormatError: for an empty file, missing columns, a non-numeric/NaN/infinite value, a
+            coordinate outside [0, 1], a non-positive duration or image size, an IMAGE with a path
+            separator or ``..``, duplicated fixation indices, or image sizes that change between
+            rows of one image. The message names the file and line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MissingInputError(f"fixation CSV not found: {path}")
+    wanted = None
+    if images is not None:
+        wanted = set()
+        for name in images:
+            wanted.add(name)
+            wanted.add(os.path.splitext(name)[0])
+
+    per_image: dict[str, dict[str, list]] = {}
+    try:
+        n_rows = _read_rows(path, per_image)
+    except UnicodeDecodeError as e:
+        raise FixationFormatError(_decode_error(path, e)) from e
     if n_rows == 0:
         raise FixationFormatError(f"{path}: the file has a header but no fixation rows")
 

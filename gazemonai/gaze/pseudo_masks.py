@@ -8,16 +8,37 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import NamedTuple
 
 import numpy as np
 
+from ..errors import InvalidInputError
 from .heatmap import DEFAULT_CANVAS, KVASIR_SIGMA, NCI_ISBI_SIGMA, gaze_heatmap
 from .levels import KVASIR_THRESHOLDS, PROSTATE_THRESHOLDS, pseudo_mask_levels
 from .refine import CRF_DEFAULTS, crf_refine
 
-__all__ = ["PseudoMaskConfig", "PseudoMasks", "PRESETS", "make_pseudo_masks"]
+__all__ = ["PseudoMaskConfig", "PseudoMasks", "PRESETS", "make_pseudo_masks", "MIN_MAX_SIDE"]
+
+#: The smallest CRF working resolution accepted (its kernel is sxy / scale pixels wide).
+MIN_MAX_SIDE = 16
+
+
+def _positive(value) -> bool:
+    return (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    )
+
+
+def _numbers(name: str, values) -> tuple[float, ...]:
+    try:
+        out = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"{name} must be numbers, got {values!r}") from None
+    if not all(math.isfinite(v) for v in out):
+        raise InvalidInputError(f"{name} must be finite numbers, got {values!r}")
+    return out
 
 
 @dataclass(frozen=True)
@@ -51,8 +72,38 @@ class PseudoMaskConfig:
     thresholds: tuple[float, ...] = field(default=KVASIR_THRESHOLDS)
 
     def __post_init__(self):
-        object.__setattr__(self, "canvas", tuple(int(c) for c in self.canvas))
-        object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
+        """Check every parameter, so that a bad one stops a run before any image is processed."""
+        canvas, thresholds = _numbers("canvas", self.canvas), _numbers("thresholds", self.thresholds)
+        if len(canvas) != 2 or not all(c == int(c) and c >= 1 for c in canvas):
+            raise InvalidInputError(f"canvas must be two integers >= 1 (height, width), got {self.canvas!r}")
+        if not thresholds or not all(0.0 < t <= 1.0 for t in thresholds):
+            raise InvalidInputError(
+                f"thresholds must be one or more numbers in (0, 1], got {list(self.thresholds)}"
+            )
+        object.__setattr__(self, "canvas", tuple(int(c) for c in canvas))
+        object.__setattr__(self, "thresholds", thresholds)
+        for name in ("sigma", "sxy", "srgb"):
+            if not _positive(getattr(self, name)):
+                raise InvalidInputError(f"{name} must be a number > 0, got {getattr(self, name)!r}")
+        if not _positive(self.compat) and self.compat != 0:
+            raise InvalidInputError(f"compat must be a number >= 0, got {self.compat!r}")
+        if not isinstance(self.iterations, int) or isinstance(self.iterations, bool) or self.iterations < 1:
+            raise InvalidInputError(f"iterations must be an integer >= 1, got {self.iterations!r}")
+        if self.max_side is not None and (
+            not isinstance(self.max_side, int)
+            or isinstance(self.max_side, bool)
+            or self.max_side < MIN_MAX_SIDE
+        ):
+            raise InvalidInputError(
+                f"max_side must be an integer >= {MIN_MAX_SIDE} (the CRF's working resolution, longer side), "
+                f"got {self.max_side!r}"
+            )
+        if self.weight not in ("duration", "count"):
+            raise InvalidInputError(f"weight must be 'duration' or 'count', got {self.weight!r}")
+        if self.heatmap_mode not in ("fast", "reference"):
+            raise InvalidInputError(f"heatmap_mode must be 'fast' or 'reference', got {self.heatmap_mode!r}")
+        if not isinstance(self.refine, bool):
+            raise InvalidInputError(f"refine must be true or false, got {self.refine!r}")
 
     def to_dict(self) -> dict:
         d = asdict(self)

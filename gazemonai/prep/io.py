@@ -87,7 +87,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     """Read an image as (H, W, 3) uint8 RGB, or (H, W) for single-channel files (uint8 or uint16).
 
     Raises:
-        ImageReadError: missing, unreadable or corrupt file.
+        ImageReadError: missing, unreadable or corrupt file, or one whose header claims more pixels
+            than PIL's decompression-bomb limit (twice ``PIL.Image.MAX_IMAGE_PIXELS``).
     """
     path = Path(path)
     try:
@@ -101,6 +102,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
                 a = np.asarray(im.convert("RGB"))
     except FileNotFoundError:
         raise ImageReadError(f"image file not found: {path}") from None
+    except Image.DecompressionBombError as e:  # pixels far beyond any real image: refused unread
+        raise ImageReadError(f"image {path} is too large to be read safely: {e}") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageReadError(f"cannot read image {path}: {e}") from None
     if a.size == 0:

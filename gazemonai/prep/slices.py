@@ -200,20 +200,94 @@ def nifti_cases(images_dir: str | os.PathLike, masks_dir: str | os.PathLike) -> 
     return cases
 
 
+def _check_nifti(path: Path) -> None:
+    """Read a NIfTI file's data in full with nibabel: ITK fills a truncated file's missing voxels
+    with zeros and turns NaN into 0 without a word."""
+    import nibabel as nib
+
+    try:
+        data = np.asanyarray(nib.load(str(path)).dataobj)
+    except Exception as e:  # EOFError (cut-short .gz), OSError (cut-short .nii), ImageFileError, zlib.error
+        raise InvalidInputError(f"cannot read volume {path} in full: {_first_line(e)}") from e
+    if np.issubdtype(data.dtype, np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(data)))
+        if bad:
+            raise InvalidInputError(f"volume {path} has {bad} NaN or infinite voxel(s) of {data.size}")
+
+
+def _check_dicom_series(folder: Path) -> int:
+    """Every DICOM file of ``folder`` readable in full, and no slice missing; returns the slice count.
+
+    ITK's series reader leaves out a file it cannot read, and a series with a slice missing reads as
+    a shorter volume: both silently shift every later slice's number.
+    """
+    import itk
+
+    files = sorted(p for p in folder.iterdir() if p.is_file() and _looks_dicom(p))
+    positions = []
+    for f in files:
+        try:
+            image = itk.imread(str(f))
+        except Exception as e:
+            raise InvalidInputError(f"cannot read DICOM file {f} in full: {_first_line(e)}") from e
+        normal = np.asarray(itk.array_from_matrix(image.GetDirection()))[:, -1]
+        positions.append((float(np.dot(np.asarray(image.GetOrigin()), normal)), f))
+    positions.sort()
+    gaps = np.diff([p for p, _ in positions])
+    if len(gaps) >= 2 and np.ptp([p for p, _ in positions]) > 0:  # without positions, no gap can be seen
+        step = float(np.median(gaps))
+        for (_, fa), (_, fb), gap in zip(positions, positions[1:], gaps):
+            if step > 0 and gap > 1.5 * step:
+                raise InvalidInputError(
+                    f"DICOM series {folder} has a gap of {gap:g} between {fa.name} and {fb.name} "
+                    f"(slices are {step:g} apart): a slice is missing"
+                )
+            if gap < 1e-6:
+                raise InvalidInputError(
+                    f"DICOM series {folder}: {fa.name} and {fb.name} are at the same position"
+                )
+    return len(files)
+
+
+def _first_line(error: BaseException) -> str:
+    """An exception's message on one line (ITK's carry a trace: its last line says what is wrong)."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    text = " ".join(lines)
+    return (text if len(text) <= 300 else lines[-1]) or type(error).__name__
+
+
 def read_volume(path: str | os.PathLike) -> np.ndarray:
-    """A volume as a (slices, rows, columns) array: a NIfTI/NRRD/... file or a DICOM series folder."""
+    """A volume as a (slices, rows, columns) array: a NIfTI/NRRD/... file or a DICOM series folder.
+
+    The file is read in full or not at all: a truncated file, a DICOM file that cannot be read, a
+    missing slice or NaN/infinite voxels are errors naming the file.
+
+    Raises:
+        InvalidInputError: the volume cannot be read in full, or is not a 3-D single-channel volume.
+    """
     import itk
 
     path = Path(path)
+    slices = None
+    if path.is_dir():
+        slices = _check_dicom_series(path)
+    elif _strip_nifti(path.name):
+        _check_nifti(path)
     try:
         image = itk.imread(str(path))
     except Exception as e:  # ITK raises RuntimeError with its own trace
-        raise InvalidInputError(f"cannot read volume {path}: {str(e).strip().splitlines()[-1]}") from e
+        raise InvalidInputError(f"cannot read volume {path}: {_first_line(e)}") from e
     array = np.asarray(itk.array_from_image(image))
     if array.ndim == 4 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim != 3:
         raise InvalidInputError(f"{path} is not a 3-D single-channel volume (array shape {array.shape})")
+    if slices is not None and array.shape[0] != slices:
+        raise InvalidInputError(
+            f"DICOM series {path} has {slices} files but ITK read {array.shape[0]} slices"
+        )
+    if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+        raise InvalidInputError(f"volume {path} has NaN or infinite voxels")
     return array
 
 
@@ -239,6 +313,27 @@ def patient_split(patients, test_fraction: float = 0.25, seed: int = 0) -> tuple
     return [p for p in patients if p not in test], test
 
 
+def _gland_slices(case: VolumeCase) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(image, gland mask, indices of the slices with gland)`` of one case, read in full and checked."""
+    image = read_volume(case.image)
+    label = read_volume(case.label)
+    if image.shape != label.shape:
+        raise InvalidInputError(
+            f"patient {case.patient}: label {case.label} has shape {label.shape}, "
+            f"image {case.image} {image.shape}"
+        )
+    gland = label > 0
+    keep = np.flatnonzero(gland.reshape(gland.shape[0], -1).any(axis=1))
+    if keep.size == 0:
+        raise InvalidInputError(f"patient {case.patient}: label {case.label} contains no gland (all zero)")
+    if image.min() == image.max():
+        raise InvalidInputError(
+            f"patient {case.patient}: image {case.image} is constant (every voxel {image.flat[0]}): "
+            "nothing to see on its slices"
+        )
+    return image, gland, keep
+
+
 def prepare_slices(
     cases: list[VolumeCase],
     out: str | os.PathLike,
@@ -258,26 +353,25 @@ def prepare_slices(
         seed: split seed.
         test_patients: explicit test patient ids instead of a seeded split.
 
+    Every volume is read in full and checked before anything is written: a file that cannot be
+    read in full, NaN voxels, a constant image, a label of another shape or without gland stop the
+    run with the file named, and no slice is written.
+
     Raises:
-        InvalidInputError: a label volume whose shape differs from its image (both named), or a label
-            volume with no gland at all.
+        InvalidInputError: the problem and the file, as above.
     """
     out = Path(out)
+    if test_patients is not None:
+        known = sorted(c.patient for c in cases)
+        unknown = sorted(set(test_patients) - set(known))
+        if unknown:
+            raise InvalidInputError(f"test patients {unknown} are not among the cases ({', '.join(known)})")
+    # every volume is read in full and checked before a single slice is written
+    for case in cases:
+        _gland_slices(case)
     patients, slices = {}, {}
     for case in cases:
-        image = read_volume(case.image)
-        label = read_volume(case.label)
-        if image.shape != label.shape:
-            raise InvalidInputError(
-                f"patient {case.patient}: label {case.label} has shape {label.shape}, "
-                f"image {case.image} {image.shape}"
-            )
-        gland = label > 0
-        keep = np.flatnonzero(gland.reshape(gland.shape[0], -1).any(axis=1))
-        if keep.size == 0:
-            raise InvalidInputError(
-                f"patient {case.patient}: label {case.label} contains no gland (all zero)"
-            )
+        image, gland, keep = _gland_slices(case)
         pixels = scale_to_uint8(image)
         names = []
         for k in keep:

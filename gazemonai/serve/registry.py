@@ -22,7 +22,6 @@ import contextlib
 import json
 import logging
 import os
-import pickle
 import tempfile
 from pathlib import Path
 
@@ -34,30 +33,14 @@ try:  # mlflow is a core dependency; keep the import error readable if it is mis
 except ImportError as e:  # pragma: no cover
     raise ImportError("gazemonai.serve.registry needs mlflow (pip install mlflow)") from e
 
-from ..errors import CheckpointMismatchError, CheckpointReadError, InvalidInputError
+from ..errors import CheckpointMismatchError, CheckpointReadError, InvalidInputError, TrackingUnavailableError
+from ..train.checkpoints import load_weights
+from ..train.tracking import fail_fast_http, is_outage
 from .staging import locate_bundle, stage_bundle
 
-__all__ = ["BundlePyfuncModel", "log_bundle_model", "register_bundle", "read_weights"]
+__all__ = ["BundlePyfuncModel", "log_bundle_model", "register_bundle"]
 
 logger = logging.getLogger(__name__)
-
-
-def read_weights(path: Path):
-    """A checkpoint's tensors, loaded with ``weights_only=True`` (no code in the file can run).
-
-    Raises:
-        CheckpointReadError: the file is not a torch checkpoint of plain weights (the cause is kept).
-    """
-    import torch
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, EOFError) as e:  # not a pickle, cut short, or more than weights
-        raise CheckpointReadError(f"cannot read checkpoint {path} as weights: {e}") from e
-    except RuntimeError as e:
-        if "PytorchStreamReader" not in str(e):  # e.g. out of memory: not the file's fault
-            raise
-        raise CheckpointReadError(f"cannot read checkpoint {path} as weights: {e}") from e
 
 
 class BundlePyfuncModel(PythonModel):
@@ -84,7 +67,7 @@ class BundlePyfuncModel(PythonModel):
         self.device = torch.device("cpu")
         self.network = parser.get_parsed_content("network_def")
         ckpt = bundle / "models" / "model.pt"
-        state = read_weights(ckpt)
+        state = load_weights(ckpt)
         try:
             self.network.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
         except RuntimeError as e:  # missing/unexpected keys, shape mismatches: widths, levels, channels
@@ -184,7 +167,7 @@ def _load_staged(bundle: Path, ckpt: Path, overrides: dict | None, dest: Path):
 def _log_staged(staged: Path, model: BundlePyfuncModel, artifact_path: str, registered_model_name):
     return mlflow.pyfunc.log_model(
         name=artifact_path,
-        python_model=BundlePyfuncModel(),
+        python_model=str(Path(__file__).with_name("model_code.py")),  # built from code, nothing pickled
         artifacts={"bundle": str(staged)},
         code_paths=[str(Path(__file__).resolve().parents[1])],  # the gazemonai package
         pip_requirements=_pip_requirements(),
@@ -240,6 +223,19 @@ def _tracking(uri: str):
                 os.environ[k] = v
 
 
+def _reachable(uri: str) -> None:
+    """Ask a tracking server once, failing fast (MLflow's own retries take minutes)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    fail_fast_http()
+    try:
+        mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as e:
+        if is_outage(e):
+            raise TrackingUnavailableError(f"the MLflow tracking server at {uri} cannot be reached") from e
+        raise
+
+
 def register_bundle(
     bundle_dir: str | os.PathLike,
     name: str,
@@ -275,6 +271,7 @@ def register_bundle(
         )
     with tempfile.TemporaryDirectory() as tmp, _tracking(tracking_uri):
         staged, model = _load_staged(bundle, ckpt, overrides, Path(tmp))  # fails before a run exists
+        _reachable(tracking_uri)
         if run_id is None:
             mlflow.set_experiment(experiment_name)
         with mlflow.start_run(run_id=run_id) as run:

@@ -1,4 +1,4 @@
-"""Ignite handlers and metrics for multi-level training: per-level Dice, reports, loss terms, checkpoints.
+"""Ignite handlers and metrics for multi-level training: per-level Dice, reports, loss terms.
 
 The evaluators run :class:`~gazemonai.train.networks.MultiLevelNet` with ``output="stack"``, so each
 prediction has channel 0 = the ensemble (mean of the levels' logits) and channel ``k`` = level ``k``.
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import ignite.distributed as idist
@@ -30,7 +29,6 @@ __all__ = [
     "level_metrics",
     "SegmentationReport",
     "LossTerms",
-    "LatestCheckpoint",
     "init_tracking_store",
 ]
 
@@ -223,50 +221,6 @@ class LossTerms:
             engine.state.metrics[f"{self.prefix}_{name}"] = value
 
 
-class LatestCheckpoint:
-    """Save the training state every epoch to one file and resume from it when a run starts.
-
-    Args:
-        save_path: checkpoint file (e.g. ``models/latest.pt``), replaced atomically each epoch.
-        save_dict: objects with ``state_dict``/``load_state_dict`` (network, optimizer, scheduler);
-            the trainer's own state (epoch, iteration) is added as ``"trainer"``.
-        resume: load ``save_path`` at start when it exists.
-    """
-
-    def __init__(self, save_path: str, save_dict: dict, resume: bool = True) -> None:
-        self.save_path = Path(save_path)
-        self.save_dict = save_dict
-        self.resume = resume
-
-    def attach(self, engine: Engine) -> None:
-        if self.resume:
-            engine.add_event_handler(Events.STARTED, self._load)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self._save)
-
-    def _load(self, engine: Engine) -> None:
-        if not self.save_path.is_file():
-            return
-        ckpt = torch.load(self.save_path, map_location="cpu", weights_only=False)
-        for k, obj in self.save_dict.items():
-            if k in ckpt:
-                obj.load_state_dict(ckpt[k])
-        state = ckpt.get("trainer", {})
-        engine.state.epoch = int(state.get("epoch", 0))
-        engine.state.iteration = int(state.get("iteration", 0))
-        logger.info("resumed from %s at epoch %d", self.save_path, engine.state.epoch)
-        if engine.state.epoch >= engine.state.max_epochs:
-            logger.info("training already complete (%d epochs)", engine.state.epoch)
-            engine.terminate()
-
-    def _save(self, engine: Engine) -> None:
-        ckpt = {k: obj.state_dict() for k, obj in self.save_dict.items()}
-        ckpt["trainer"] = {"epoch": engine.state.epoch, "iteration": engine.state.iteration}
-        self.save_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.save_path.with_name(self.save_path.name + ".tmp")
-        torch.save(ckpt, tmp)
-        os.replace(tmp, self.save_path)
-
-
 def init_tracking_store(tracking_uri: str) -> str:
     """Create or upgrade the MLflow store once, on rank 0, before other ranks open it.
 
@@ -281,9 +235,17 @@ def init_tracking_store(tracking_uri: str) -> str:
     import torch.distributed as dist
     from mlflow.tracking import MlflowClient
 
+    from .tracking import fail_fast_http, is_outage
+
+    fail_fast_http()
     distributed = dist.is_available() and dist.is_initialized()
     if not distributed or dist.get_rank() == 0:
-        MlflowClient(tracking_uri=tracking_uri).search_experiments(max_results=1)
+        try:
+            MlflowClient(tracking_uri=tracking_uri).search_experiments(max_results=1)
+        except Exception as e:  # a server that is down: training goes on (MLflowTracking keeps the records)
+            if not is_outage(e):
+                raise
+            logger.warning("MLflow tracking at %s is unreachable: %s", tracking_uri, e)
     if distributed:
         dist.barrier()
     return tracking_uri

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import locale
 import subprocess
 import sys
 
@@ -34,16 +35,24 @@ def volume(seed: int, shape=(6, 12, 10)):
     return image, label
 
 
-def write_dicom_series(folder, image):
+def write_dicom_series(folder, image, spacing=3.0):
+    """One DICOM file per slice, with the position and instance number a scanner writes."""
     import itk
 
     folder.mkdir(parents=True)
-    img = itk.image_from_array(image)
-    writer = itk.ImageSeriesWriter[type(img), itk.Image[itk.SS, 2]].New()
-    writer.SetImageIO(itk.GDCMImageIO.New())
-    writer.SetInput(img)
-    writer.SetFileNames([str(folder / f"IM{i:04d}.dcm") for i in range(image.shape[0])])
-    writer.Update()
+    saved = locale.setlocale(locale.LC_ALL)  # GDCM's writer leaves the C library's locale at "C"
+    for i, plane in enumerate(image):
+        img = itk.image_from_array(np.ascontiguousarray(plane))
+        tags = img.GetMetaDataDictionary()
+        tags["0020|0032"] = f"0\\0\\{spacing * i}"  # ImagePositionPatient
+        tags["0020|0037"] = "1\\0\\0\\0\\1\\0"  # ImageOrientationPatient
+        tags["0020|0013"] = str(i + 1)  # InstanceNumber
+        tags["0008|0060"] = "MR"
+        tags["0020|000d"], tags["0020|000e"] = "1.2.826.0.1.1", "1.2.826.0.1.1.1"  # study, series
+        io = itk.GDCMImageIO.New()
+        io.KeepOriginalUIDOn()
+        itk.imwrite(img, str(folder / f"IM{i:04d}.dcm"), imageio=io)
+    locale.setlocale(locale.LC_ALL, saved)
 
 
 def write_nrrd(path, label):
@@ -183,3 +192,113 @@ def test_every_real_nci_isbi_gaze_image_is_a_slice_name():
         assert slice_name(patient, k - 1) + ".jpg" == image
         patients.add(patient)
     assert len(patients) > 10
+
+
+def _nifti_pair(root, case, image, label, image_dtype=np.float32):
+    import nibabel as nib
+
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(parents=True, exist_ok=True)
+    nib.save(
+        nib.Nifti1Image(image.transpose(2, 1, 0).astype(image_dtype), np.eye(4)),
+        root / "images" / f"{case}_t2.nii.gz",
+    )
+    nib.save(nib.Nifti1Image(label.transpose(2, 1, 0), np.eye(4)), root / "masks" / f"{case}_t2_seg.nii.gz")
+
+
+def _cut(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def _nifti_2d(path):
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(np.arange(120, dtype=np.float32).reshape(10, 12), np.eye(4)), path)
+
+
+def _nan(image):
+    out = image.astype(np.float32)
+    out[3, 2, 2] = np.nan
+    return out
+
+
+# (what is wrong, how to make it from a good layout, the file the message must name, its words)
+BAD_VOLUMES = {
+    "truncated .nii.gz image": (lambda r: _cut(r / "images" / "020_t2.nii.gz"), "020_t2.nii.gz", "in full"),
+    "truncated .nii.gz label": (
+        lambda r: _cut(r / "masks" / "020_t2_seg.nii.gz", 0.7),
+        "020_t2_seg.nii.gz",
+        "in full",
+    ),
+    "all-NaN image": (
+        lambda r: _nifti_pair(r, "020", np.full((6, 12, 10), np.nan), volume(1)[1]),
+        "020_t2.nii.gz",
+        "NaN or infinite",
+    ),
+    "one NaN voxel": (
+        lambda r: _nifti_pair(r, "020", _nan(volume(1)[0]), volume(1)[1]),
+        "020_t2.nii.gz",
+        "1 NaN",
+    ),
+    "constant image": (
+        lambda r: _nifti_pair(r, "020", np.full((6, 12, 10), 5.0), volume(1)[1]),
+        "020_t2.nii.gz",
+        "is constant",
+    ),
+    "label without gland": (
+        lambda r: _nifti_pair(r, "020", volume(1)[0], np.zeros((6, 12, 10), np.uint8)),
+        "020_t2_seg",
+        "no gland",
+    ),
+    "label of another shape": (
+        lambda r: _nifti_pair(r, "020", volume(1)[0], volume(1, shape=(6, 12, 11))[1]),
+        "020_t2_seg",
+        "shape",
+    ),
+    "not a volume at all": (
+        lambda r: (r / "images" / "020_t2.nii.gz").write_text("hello"),
+        "020_t2.nii.gz",
+        "cannot read",
+    ),
+    "a 2-D image": (
+        lambda r: _nifti_2d(r / "images" / "020_t2.nii.gz"),
+        "020_t2.nii.gz",
+        "3-D single-channel",
+    ),
+}
+
+
+@pytest.mark.parametrize("problem", sorted(BAD_VOLUMES))
+def test_a_volume_not_read_in_full_stops_everything_with_its_name(tmp_path, problem):
+    make_bad, name, words = BAD_VOLUMES[problem]
+    for seed, case in enumerate(["001", "020"]):
+        _nifti_pair(tmp_path, case, *volume(seed))
+    make_bad(tmp_path)
+    p = subprocess.run([sys.executable, "-m", "gazemonai", "prepare-slices", "--out", str(tmp_path / "out"),
+                        "--nifti-images", str(tmp_path / "images"), "--nifti-masks", str(tmp_path / "masks")],
+                       capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert name in p.stderr and words in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert not (tmp_path / "out").exists()  # not even the good patient's slices: nothing half-made
+
+
+@pytest.mark.parametrize("problem", ["truncated file", "missing slice", "truncated NRRD label"])
+def test_a_dicom_series_or_nrrd_label_not_read_in_full_is_named(nci_layout, problem):
+    root, _ = nci_layout
+    series = root / "dicom" / "ProstateDx-01-0006" / "1.3.6.1" / "series"
+    if problem == "truncated file":
+        _cut(series / "IM0003.dcm", 0.8)
+        name, words = "IM0003.dcm", "cannot read DICOM file"
+    elif problem == "missing slice":
+        (series / "IM0002.dcm").unlink()
+        name, words = "between IM0001.dcm and IM0003.dcm", "a slice is missing"
+    else:
+        write_nrrd(root / "labels" / "ProstateDx-01-0006_truth.nrrd", volume(1)[1])
+        _cut(root / "labels" / "ProstateDx-01-0006_truth.nrrd", 0.9)
+        name, words = "ProstateDx-01-0006_truth.nrrd", "cannot read volume"
+    p = subprocess.run([sys.executable, "-m", "gazemonai", "prepare-slices", "--out", str(root / "out"),
+                        "--dicom-root", str(root / "dicom"), "--labels-root", str(root / "labels")],
+                       capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+    assert p.returncode == 2 and name in p.stderr and words in p.stderr, p.stderr[-2000:]
+    assert not (root / "out").exists()

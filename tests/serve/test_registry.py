@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -138,3 +139,29 @@ def test_a_mismatch_keeps_its_cause(kvasir_checkpoint, tmp_path):
     with pytest.raises(CheckpointMismatchError, match="does not fit .* with overrides") as info:
         _load_staged(BUNDLE, kvasir_checkpoint, {"features": [8, 8, 8, 8, 8, 8]}, tmp_path)
     assert isinstance(info.value.__cause__, RuntimeError) and "size mismatch" in str(info.value.__cause__)
+
+
+def test_register_fails_fast_when_the_server_is_down(kvasir_checkpoint, tmp_path):
+    started = time.monotonic()
+    dead = f"http://127.0.0.1:{free_port()}"
+    p = cli("register", "--bundle-dir", BUNDLE, "--checkpoint", kvasir_checkpoint, "--name", "x",
+            "--tracking-uri", dead, "--override", "{'image_size': [32, 32]}")  # fmt: skip
+    assert p.returncode == 2 and "cannot be reached" in p.stderr and "Traceback" not in p.stderr
+    assert time.monotonic() - started < 60  # MLflow's own retries: about four minutes
+
+
+def test_a_registered_model_is_built_from_code_not_unpickled(mlflow_server, kvasir_checkpoint, monkeypatch):
+    """The logged model holds no pickled Python object: loading it runs our code, not the file's."""
+    import mlflow
+
+    p = cli("register", "--bundle-dir", BUNDLE, "--checkpoint", kvasir_checkpoint,
+            "--name", "kvasir_gaze_code", "--tracking-uri", mlflow_server,
+            "--override", "{'image_size': [32, 32]}")  # fmt: skip
+    assert p.returncode == 0, p.stderr[-2000:]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    local = Path(mlflow.artifacts.download_artifacts("models:/kvasir_gaze_code/1"))
+    assert (
+        not list(local.rglob("*.pkl"))
+        and (local / "model_code.py").is_file()
+        or list(local.rglob("model_code.py"))
+    )

@@ -7,7 +7,6 @@ from ignite.engine import Engine, Events
 from gazemonai.metrics import dice_iou
 from gazemonai.train.handlers import (
     ChannelDice,
-    LatestCheckpoint,
     LossTerms,
     SegmentationReport,
     level_metrics,
@@ -125,22 +124,3 @@ def test_loss_terms_are_epoch_means_of_every_iteration(step):
     } | {"train_loss_consistency", "train_loss_total"}
     assert means[1] == pytest.approx(expected, rel=1e-6)
     assert means[1]["train_loss_total"] == pytest.approx(float(trainer.state.output[0]["loss"]), rel=0.5)
-
-
-def test_latest_checkpoint_round_trip(tmp_path):
-    net = torch.nn.Linear(2, 1)
-    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-    engine = Engine(lambda e, b: None)
-    ckpt = LatestCheckpoint(str(tmp_path / "latest.pt"), {"model": net, "optimizer": opt})
-    ckpt.attach(engine)
-    engine.run([0, 0], max_epochs=2)
-    saved = {k: v.clone() for k, v in net.state_dict().items()}
-    assert (tmp_path / "latest.pt").is_file() and not list(tmp_path.glob("*.tmp"))
-    net2 = torch.nn.Linear(2, 1)
-    engine2 = Engine(lambda e, b: None)
-    epochs = []
-    engine2.add_event_handler(Events.EPOCH_COMPLETED, lambda e: epochs.append(e.state.epoch))
-    LatestCheckpoint(str(tmp_path / "latest.pt"), {"model": net2}).attach(engine2)
-    engine2.run([0, 0], max_epochs=3)
-    assert epochs == [3]  # resumed after epoch 2
-    assert all(torch.equal(saved[k], v) for k, v in net2.state_dict().items())

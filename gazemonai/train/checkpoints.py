@@ -1,0 +1,334 @@
+"""Training state that survives a restart: the latest state, the best model, the random streams.
+
+A bundle run writes two files under ``<bundle_root>/models``:
+
+* ``latest.pt`` (:class:`LatestCheckpoint`), after every epoch: the network, optimizer and LR
+  schedule, the trainer's epoch and iteration, the best model's score (:class:`BestCheckpoint`) and
+  every random stream (:class:`RandomStates`). Restarting the same command resumes from it, and a
+  run killed at any moment (even ``kill -9`` mid-epoch) and resumed ends with the same weights and
+  metrics, to the bit on a CPU, as one never interrupted: the interrupted epoch is replayed from
+  the same random state.
+* ``model.pt`` (:class:`BestCheckpoint`), whenever the validation key metric improves; its score is
+  part of ``latest.pt``, so a resumed run keeps the best model instead of overwriting it with the
+  first validation after the restart.
+
+Both hold only state dicts, tensors and plain numbers, and are read with ``torch.load(...,
+weights_only=True)``: a checkpoint handed to you cannot run code. Under ``torch.distributed`` every
+rank loads ``latest.pt`` and rank 0 alone writes it, without DDP's ``module.`` prefix, so a
+single-process run can resume a multi-process one and the other way round.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import pickle
+import random
+from collections.abc import Mapping
+from pathlib import Path
+
+import ignite.distributed as idist
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from torch.optim.lr_scheduler import CosineAnnealingLR
+
+from ..errors import CheckpointReadError, InvalidInputError
+
+__all__ = ["LatestCheckpoint", "BestCheckpoint", "RandomStates", "load_weights", "unwrap"]
+
+logger = logging.getLogger(__name__)
+
+
+def unwrap(obj):
+    """The module inside ``DistributedDataParallel``/``DataParallel`` (or ``obj`` itself)."""
+    return (
+        obj.module
+        if isinstance(obj, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel))
+        else obj
+    )
+
+
+def load_weights(path: str | os.PathLike, map_location="cpu"):
+    """A checkpoint's contents, read with ``weights_only=True`` (no code in the file can run).
+
+    Raises:
+        CheckpointReadError: the file is not a torch checkpoint of plain weights and numbers (a
+            corrupt or truncated file, or one that would need code to load); the cause is kept.
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, EOFError) as e:  # not a pickle, cut short, or more than weights
+        raise CheckpointReadError(f"cannot read checkpoint {path} as weights: {e}") from e
+    except RuntimeError as e:
+        if "PytorchStreamReader" not in str(e):  # e.g. out of memory: not the file's fault
+            raise
+        raise CheckpointReadError(f"cannot read checkpoint {path} as weights: {e}") from e
+
+
+def _atomic_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # a reader never sees half a file
+
+
+def _random_generators(root) -> list[np.random.RandomState]:
+    """Every ``numpy.random.RandomState`` reachable from ``root`` (MONAI random transforms' ``R``), in a
+    fixed order: the traversal MONAI's ``set_rnd`` uses, descending into every attribute."""
+    found: list[np.random.RandomState] = []
+    seen: set[int] = set()
+
+    def visit(obj):
+        if id(obj) in seen:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, np.random.RandomState):
+            found.append(obj)
+        elif isinstance(obj, (list, tuple)):
+            for item in obj:
+                visit(item)
+        elif isinstance(obj, dict):
+            for item in obj.values():
+                visit(item)
+        elif hasattr(obj, "__dict__") and not isinstance(obj, (torch.Tensor, type)):
+            for key, value in vars(obj).items():
+                if not key.startswith("__"):
+                    visit(value)
+
+    visit(root)
+    return found
+
+
+def _numpy_state(rs) -> dict:
+    name, keys, pos, has_gauss, cached = rs.get_state() if hasattr(rs, "get_state") else rs
+    return {
+        "name": name,
+        "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached": float(cached),
+    }
+
+
+def _numpy_tuple(state: Mapping) -> tuple:
+    keys = state["keys"].numpy().astype(np.uint32)
+    return (state["name"], keys, state["pos"], state["has_gauss"], state["cached"])
+
+
+class RandomStates:
+    """Every random stream a training run draws from, as a state dict that ``weights_only`` can load.
+
+    torch's CPU (and CUDA) generators, numpy's and Python's global ones, and the private
+    ``RandomState`` of each random transform reachable from ``transforms`` (MONAI gives every random
+    transform its own; with ``num_workers=0`` they advance in the main process). With worker
+    processes the transforms are re-seeded in each worker from torch's generator, so restoring that
+    is enough.
+
+    Args:
+        transforms: the training ``Compose`` (or dataset), or ``None`` for the global streams only.
+    """
+
+    def __init__(self, transforms=None) -> None:
+        self.transforms = transforms
+
+    def state_dict(self) -> dict:
+        state = {
+            "torch": torch.get_rng_state(),
+            "numpy": _numpy_state(np.random.get_state()),  # noqa: NPY002 - the legacy stream MONAI draws from
+            "python": random.getstate(),
+            "transforms": [_numpy_state(r) for r in _random_generators(self.transforms)],
+        }
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: Mapping) -> None:
+        generators = _random_generators(self.transforms)
+        if len(generators) != len(state["transforms"]):
+            raise InvalidInputError(
+                f"the checkpoint holds {len(state['transforms'])} random transform states but the "
+                f"training transforms have {len(generators)}: resume with the configs it was saved with"
+            )
+        torch.set_rng_state(state["torch"])
+        np.random.set_state(_numpy_tuple(state["numpy"]))  # noqa: NPY002
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+        for r, s in zip(generators, state["transforms"]):
+            r.set_state(_numpy_tuple(s))
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class BestCheckpoint:
+    """Save the network whenever the evaluator's key metric improves; the best survives a restart.
+
+    Attach to the evaluator. Its :meth:`state_dict` (best score and epoch) goes into
+    :class:`LatestCheckpoint`, so after a resume the first validation overwrites ``model.pt`` only
+    if it is better than the best before the restart; the evaluator's ``best_metric`` (what
+    ``StatsHandler`` reports) is restored with it.
+
+    Args:
+        save_path: the best model's file (``models/model.pt``), written as ``{"model": state_dict}``
+            like MONAI's ``CheckpointSaver`` (``CheckpointLoader`` reads it).
+        network: the network (a DDP wrapper is unwrapped).
+        metric_name: the metric to compare; default the evaluator's key metric.
+        mode: ``"max"`` (higher is better) or ``"min"``.
+    """
+
+    def __init__(self, save_path: str, network, metric_name: str | None = None, mode: str = "max") -> None:
+        if mode not in ("max", "min"):
+            raise InvalidInputError(f"mode must be 'max' or 'min', got {mode!r}")
+        self.save_path = Path(save_path)
+        self.network = network
+        self.metric_name = metric_name
+        self.mode = mode
+        self.best: float | None = None
+        self.best_epoch = -1
+        self._engine: Engine | None = None
+
+    def attach(self, engine: Engine) -> None:
+        self._engine = engine
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._check)
+
+    def _better(self, value: float) -> bool:
+        if self.best is None:
+            return True
+        return value > self.best if self.mode == "max" else value < self.best
+
+    def _check(self, engine: Engine) -> None:
+        name = self.metric_name or getattr(engine.state, "key_metric_name", None)
+        if name is None or name not in engine.state.metrics:
+            raise InvalidInputError(f"BestCheckpoint: the evaluator has no metric {name!r} to compare")
+        value = float(engine.state.metrics[name])
+        if math.isnan(value) or not self._better(value):
+            return
+        self.best, self.best_epoch = value, int(engine.state.epoch)
+        if idist.get_rank() == 0:
+            _atomic_save({"model": unwrap(self.network).state_dict()}, self.save_path)
+            logger.info(
+                "new best %s %.4f at epoch %d: saved %s", name, value, self.best_epoch, self.save_path
+            )
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_epoch": self.best_epoch}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.best = None if state.get("best") is None else float(state["best"])
+        self.best_epoch = int(state.get("best_epoch", -1))
+        if self._engine is not None and self.best is not None:  # what MONAI's evaluator reports as best
+            self._engine.state.best_metric = self.best
+            self._engine.state.best_metric_epoch = self.best_epoch
+
+
+class LatestCheckpoint:
+    """Save the training state after every epoch to one file and resume from it when a run starts.
+
+    Saves each ``save_dict`` object's state dict (DDP unwrapped) and the trainer's epoch and
+    iteration; restarting loads them back (on every rank) and training continues with the next
+    epoch. A longer ``--epochs`` continues the run: a ``CosineAnnealingLR`` whose planned length
+    changed goes on from its current learning rate down to its minimum over the remaining steps,
+    instead of climbing back up the cosine. Save :class:`RandomStates` and :class:`BestCheckpoint`
+    in ``save_dict`` too for an exact resume that keeps the best model.
+
+    Args:
+        save_path: checkpoint file (e.g. ``models/latest.pt``), replaced atomically each epoch.
+        save_dict: objects with ``state_dict``/``load_state_dict`` (network, optimizer, scheduler,
+            :class:`RandomStates`, :class:`BestCheckpoint`).
+        resume: load ``save_path`` at start when it exists.
+    """
+
+    def __init__(self, save_path: str, save_dict: Mapping, resume: bool = True) -> None:
+        self.save_path = Path(save_path)
+        self.save_dict = dict(save_dict)
+        self.resume = resume
+        # the planned length of each cosine schedule, as configured for this run (before any loading)
+        self._planned = {k: o.T_max for k, o in self.save_dict.items() if isinstance(o, CosineAnnealingLR)}
+        self._offset = dict.fromkeys(self._planned, 0)
+
+    def attach(self, engine: Engine) -> None:
+        if self.resume:
+            engine.add_event_handler(Events.STARTED, self._load)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._save)
+
+    def _load(self, engine: Engine) -> None:
+        if not self.save_path.is_file():
+            return
+        ckpt = load_weights(self.save_path)
+        random_states = None
+        for key, obj in self.save_dict.items():
+            if key not in ckpt:
+                continue
+            if isinstance(obj, RandomStates):
+                random_states = (obj, ckpt[key])  # last: nothing below may draw from a stream after it
+            else:
+                unwrap(obj).load_state_dict(ckpt[key])
+        for key, sched in self.save_dict.items():
+            if key in self._planned:
+                self._continue_schedule(key, sched, ckpt.get("schedules", {}).get(key, {}))
+        trainer = ckpt.get("trainer", {})
+        engine.state.epoch = int(trainer.get("epoch", 0))
+        engine.state.iteration = int(trainer.get("iteration", 0))
+        if random_states is not None:
+            obj, state = random_states
+            world = idist.get_world_size()
+            per_rank = state if isinstance(state, list) else [state]
+            if len(per_rank) == world:
+                obj.load_state_dict(per_rank[idist.get_rank()])
+            else:
+                logger.warning(
+                    "%s holds the random state of %d process(es), this run has %d: the random streams "
+                    "restart from the seed (the resumed run will not repeat the interrupted one exactly)",
+                    self.save_path,
+                    len(per_rank),
+                    world,
+                )
+        logger.info("resumed from %s at epoch %d", self.save_path, engine.state.epoch)
+        if engine.state.epoch >= engine.state.max_epochs:
+            logger.info("training already complete (%d epochs)", engine.state.epoch)
+            engine.terminate()
+
+    def _continue_schedule(self, key: str, sched: CosineAnnealingLR, saved: Mapping) -> None:
+        """Keep a cosine schedule going when the run's planned length changed (``--epochs``)."""
+        offset = int(saved.get("offset", 0))
+        done = offset + sched.last_epoch
+        planned = self._planned[key]
+        if int(saved.get("planned", planned)) != planned and planned > done:
+            lr = [g["lr"] for g in sched.optimizer.param_groups]
+            logger.info(
+                "%s: the run is now %d steps long (was %d): the learning rate goes on from %s to %s over "
+                "the remaining %d steps",
+                key,
+                planned,
+                int(saved["planned"]),
+                lr,
+                sched.eta_min,
+                planned - done,
+            )
+            # from the current rate, half a cosine down to eta_min over what is left of the run
+            sched.T_max, sched.last_epoch, offset = planned - done, 0, done
+        self._offset[key] = offset
+
+    def _save(self, engine: Engine) -> None:
+        ckpt: dict = {}
+        for key, obj in self.save_dict.items():
+            if isinstance(obj, RandomStates) and idist.get_world_size() > 1:
+                ckpt[key] = _gather(obj.state_dict())  # each rank has its own streams
+            else:
+                ckpt[key] = unwrap(obj).state_dict()
+        ckpt["trainer"] = {"epoch": int(engine.state.epoch), "iteration": int(engine.state.iteration)}
+        ckpt["schedules"] = {
+            k: {"planned": self._planned[k], "offset": self._offset[k]} for k in self._planned
+        }
+        if idist.get_rank() == 0:
+            _atomic_save(ckpt, self.save_path)
+
+
+def _gather(state: dict) -> list[dict]:
+    """Every rank's ``state``, in rank order (a collective: every rank must call it)."""
+    import torch.distributed as dist
+
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, state)
+    return out

@@ -1,0 +1,184 @@
+"""The bundles' settings, checked before any work starts: one message naming the setting and the value.
+
+``train.json`` (and ``inference.json``) run :func:`exit_on_bad_settings` first in ``initialize``,
+so a bad ``--image_size``, ``--thresholds`` or ``--dataset_dir`` stops the run at once, before the
+datalist is read or a single pseudo-mask is cached, with one line such as
+``error: image_size must be 2 (or 3) integers >= 1, got [0, 64]`` and exit status 2, as the
+``gazemonai`` command does, instead of a traceback from deep inside MONAI (which wraps every error
+of a config component in its own). :func:`check_settings` is the same check, raising.
+``None`` means "not given here" and is not checked.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from numbers import Integral, Real
+from pathlib import Path
+
+from ..errors import InvalidInputError, MissingInputError
+from ..gaze.pseudo_masks import MIN_MAX_SIDE
+
+__all__ = ["check_settings", "exit_on_bad_settings"]
+
+_CHOICES = {
+    "supervision": ("gaze", "full"),
+    "consistency": ("prop", "pure", "none"),
+    "compute_dtype": ("bfloat16", "float16", "float32", None),
+    "train_step": ("joint", "levelwise"),
+    "level_init": ("independent", "copy"),
+}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(float(value))
+
+
+def _is_list(value) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, str)
+
+
+def _ints(name: str, value, length: int | None = None, minimum: int = 1) -> None:
+    ok = (
+        isinstance(value, Sequence)
+        and not isinstance(value, str)
+        and all(_is_int(v) and v >= minimum for v in value)
+    )
+    if ok and length is not None:
+        ok = len(value) == length
+    if not ok or not value:
+        count = f"{length} " if length else ""
+        raise InvalidInputError(f"{name} must be {count}integers >= {minimum}, got {value!r}")
+
+
+def _int(name: str, value, minimum: int) -> None:
+    if not _is_int(value) or value < minimum:
+        raise InvalidInputError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _number(name: str, value, condition: str, ok) -> None:
+    """``value`` must be a finite number for which ``ok`` holds; ``condition`` says which, for the message."""
+    if not (_is_number(value) and ok(float(value))):
+        raise InvalidInputError(f"{name} must be a number {condition}, got {value!r}")
+
+
+def check_settings(
+    image_size=None,
+    batch_size=None,
+    epochs=None,
+    learning_rate=None,
+    weight_decay=None,
+    val_fraction=None,
+    val_interval=None,
+    num_workers=None,
+    cache_workers=None,
+    thresholds=None,
+    gaze_sigma=None,
+    crf_max_side=None,
+    features=None,
+    in_channels=None,
+    num_levels=None,
+    consistency_weight=None,
+    limit=None,
+    iterations=None,
+    seed=None,
+    dataset_dir=None,
+    gaze_csv=None,
+    **choices,
+) -> None:
+    """Check a bundle's settings; raise on the first bad one, naming it.
+
+    Args:
+        image_size: the network's input size, 2 (or 3) positive integers.
+        batch_size, epochs, iterations, val_interval, in_channels, num_levels: integers >= 1.
+        num_workers, cache_workers, seed: integers >= 0.
+        learning_rate: > 0. weight_decay, consistency_weight: >= 0.
+        val_fraction: in (0, 1).
+        thresholds: one per pseudo-mask level, each in (0, 1].
+        gaze_sigma: > 0. crf_max_side: an integer >= 16, or ``None`` (full resolution).
+        features: six BasicUNet widths, integers >= 1.
+        limit: an integer >= 1, or ``None``.
+        dataset_dir: an existing folder. gaze_csv: an existing file (gaze supervision).
+        choices: ``supervision``, ``consistency``, ``compute_dtype``, ``train_step``, ``level_init`` (one
+            of their values), ``step_in_backward`` and ``release_memory`` (true/false).
+
+    Raises:
+        InvalidInputError: a setting with a bad value (a ``ValueError``).
+        MissingInputError: ``dataset_dir`` or ``gaze_csv`` does not exist.
+    """
+    if image_size is not None:
+        ok = _is_list(image_size) and len(image_size) in (2, 3)
+        if not ok or not all(_is_int(v) and v >= 1 for v in image_size):
+            raise InvalidInputError(f"image_size must be 2 (or 3) integers >= 1, got {image_size!r}")
+    for name, value in (
+        ("batch_size", batch_size),
+        ("epochs", epochs),
+        ("val_interval", val_interval),
+        ("iterations", iterations),
+    ):
+        if value is not None:
+            _int(name, value, 1)
+    for name, value in (("in_channels", in_channels), ("num_levels", num_levels)):
+        if value is not None:
+            _int(name, value, 1)
+    for name, value in (("num_workers", num_workers), ("cache_workers", cache_workers), ("seed", seed)):
+        if value is not None:
+            _int(name, value, 0)
+    if learning_rate is not None:
+        _number("learning_rate", learning_rate, "> 0", lambda x: x > 0)
+    for name, value in (("weight_decay", weight_decay), ("consistency_weight", consistency_weight)):
+        if value is not None:
+            _number(name, value, ">= 0", lambda x: x >= 0)
+    if val_fraction is not None:
+        _number("val_fraction", val_fraction, "in (0, 1)", lambda x: 0 < x < 1)
+    if thresholds is not None:
+        ok = _is_list(thresholds) and len(thresholds) > 0
+        if not ok or not all(_is_number(t) and 0 < t <= 1 for t in thresholds):
+            raise InvalidInputError(
+                f"thresholds must be a list of numbers in (0, 1], one per level, got {thresholds!r}"
+            )
+    if gaze_sigma is not None:
+        _number("gaze_sigma", gaze_sigma, "> 0", lambda x: x > 0)
+    if crf_max_side is not None:
+        _int("crf_max_side", crf_max_side, MIN_MAX_SIDE)
+    if features is not None:
+        _ints("features", features, length=6)
+    if limit is not None:
+        _int("limit", limit, 1)
+    for name, value in choices.items():
+        if name in _CHOICES:
+            if value not in _CHOICES[name]:
+                allowed = ", ".join(repr(c) for c in _CHOICES[name] if c is not None)
+                raise InvalidInputError(f"{name} must be one of {allowed}, got {value!r}")
+        elif name in ("step_in_backward", "release_memory"):
+            if not isinstance(value, bool):
+                raise InvalidInputError(f"{name} must be true or false, got {value!r}")
+        else:
+            raise TypeError(f"check_settings() got an unexpected setting {name!r}")
+    if dataset_dir is not None and not Path(dataset_dir).is_dir():
+        raise MissingInputError(f"dataset_dir {os.fspath(dataset_dir)!r} is not a folder")
+    if gaze_csv is not None and choices.get("supervision", "gaze") == "gaze" and not Path(gaze_csv).is_file():
+        raise MissingInputError(
+            f"gaze_csv {os.fspath(gaze_csv)!r} does not exist (gaze supervision reads it)"
+        )
+
+
+def exit_on_bad_settings(**settings) -> None:
+    """:func:`check_settings` for bundle configs: a bad setting prints one line and exits with status 2.
+
+    ``SystemExit`` is not an ``Exception``, so MONAI's config parser does not wrap it.
+    """
+    import sys
+
+    from ..errors import GazemonaiError
+
+    try:
+        check_settings(**settings)
+    except GazemonaiError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from e

@@ -1,0 +1,417 @@
+"""MLflow tracking that an outage, a restart or a ``kill -9`` cannot spoil.
+
+:class:`MLflowTracking` is MONAI's ``MLFlowHandler`` (same arguments, same metrics and parameters)
+with three differences a long training run needs:
+
+* **An unreachable tracking server does not stop training.** MLflow's HTTP client retries a failed
+  request for minutes and then raises, which aborts the run. Here requests fail fast
+  (:func:`fail_fast_http`), the first failure logs one warning, and from then on every record is
+  appended to a journal file (JSON lines) instead. At the end of each epoch (at most once a
+  minute) the journal is sent again; when the server answers it gets everything, in order. If it is
+  still down when training ends, the records go to the local SQLite store next to the journal
+  (``outputs/mlruns.db`` in the bundles) and the journal stays, for the next run of the same
+  bundle to send.
+* **A resumed run holds no step twice.** A run killed mid-epoch resumes from its last checkpoint
+  and replays the interrupted epoch, whose first steps it had logged before the kill (MONAI picks
+  the unfinished run of the same name up again). Steps the run already holds are not logged again;
+  a resume is exact, so their values are the same.
+* **What a killed run had not sent is not lost:** the journal is a file, read again at start.
+
+The handlers of one bundle (trainer, evaluator) that share a ``pending_path`` share one journal,
+so their records stay in order and the trainer's end sends the evaluator's too. Outages are
+connection errors, timeouts, HTTP 502/503/504 answers and a locked SQLite store; any other MLflow
+error (a wrong URI, a deleted experiment) is raised as before.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from monai.handlers import MLFlowHandler
+from monai.utils import flatten_dict, path_to_sqlite_uri
+
+__all__ = ["MLflowTracking", "fail_fast_http", "is_outage", "FAIL_FAST"]
+
+logger = logging.getLogger(__name__)
+
+#: MLflow HTTP client settings for calls made during training (unless the environment sets them).
+FAIL_FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+def fail_fast_http() -> None:
+    """Make MLflow's HTTP requests give up at once and after 10 s, unless the environment says otherwise.
+
+    MLflow reads these variables at each request; its defaults (7 retries with exponential backoff,
+    120 s timeouts) make a call to a dead server block for minutes.
+    """
+    for key, value in FAIL_FAST.items():
+        os.environ.setdefault(key, value)
+
+
+def is_outage(error: BaseException) -> bool:
+    """Whether ``error`` (or anything in its cause chain) says the tracking store is unreachable."""
+    import requests
+
+    seen = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
+            return True
+        if isinstance(e, (ConnectionError, TimeoutError)):
+            return True
+        status = getattr(e, "get_http_status_code", None)
+        if callable(status) and status() in (502, 503, 504):
+            return True
+        if type(e).__name__ == "OperationalError" and "database is locked" in str(e):  # SQLite store
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _short(error: BaseException) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text if len(text) < 160 else text[:157] + "..."
+
+
+class _Journal:
+    """The records of one tracking URI not sent yet, in order, mirrored in a JSON-lines file."""
+
+    _open: dict[str, _Journal] = {}
+
+    @classmethod
+    def at(cls, path: Path) -> _Journal:
+        key = str(path.resolve())
+        if key not in cls._open:
+            cls._open[key] = cls(path)
+        return cls._open[key]
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.records: list[dict] = []
+        self.offline_since: float | None = None
+        self.last_try = 0.0
+        self.warned = False
+        if path.is_file():
+            with open(path) as f:
+                for line in f:
+                    try:
+                        self.records.append(json.loads(line))
+                    except json.JSONDecodeError:  # the last line of a killed run may be cut short
+                        logger.warning("%s: skipped a cut-off line", path)
+            if self.records:
+                logger.info(
+                    "%d MLflow records an earlier run left in %s will be sent", len(self.records), path
+                )
+
+    def add(self, records) -> None:
+        records = list(records)
+        if not records:
+            return
+        self.records.extend(records)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:  # written at once: a kill -9 loses nothing that was queued
+            for record in records:
+                f.write(json.dumps(record) + "\n")
+
+    def clear(self) -> None:
+        self.records = []
+        self.path.unlink(missing_ok=True)
+
+
+class MLflowTracking(MLFlowHandler):
+    """MONAI's ``MLFlowHandler`` that keeps training when the tracking server is down, and repeats no step.
+
+    Args:
+        pending_path: the journal of records not yet sent (JSON lines); default
+            ``mlflow_pending.jsonl`` in the current folder. Handlers that log into the same run share it.
+        fallback_uri: where the journal goes when training ends with the server still unreachable;
+            default the SQLite store ``mlruns.db`` next to the journal.
+        retry_seconds: while unreachable, try again at most this often (at epoch ends and at the end).
+        other args: those of ``monai.handlers.MLFlowHandler``.
+    """
+
+    def __init__(
+        self,
+        *args,
+        pending_path: str | os.PathLike = "mlflow_pending.jsonl",
+        fallback_uri: str | None = None,
+        retry_seconds: float = 60.0,
+        **kwargs,
+    ) -> None:
+        fail_fast_http()
+        super().__init__(*args, **kwargs)
+        self.pending_path = Path(pending_path)
+        self.fallback_uri = fallback_uri or path_to_sqlite_uri(
+            str(self.pending_path.resolve().parent / "mlruns.db")
+        )
+        self.retry_seconds = float(retry_seconds)
+        self._journal: _Journal | None = None
+        self._known: dict[str, set[int]] = {}  # steps the run holds, per metric (asked lazily)
+        self._ask_history = False
+
+    @property
+    def journal(self) -> _Journal:
+        if self._journal is None:
+            self._journal = _Journal.at(self.pending_path)
+        return self._journal
+
+    @property
+    def offline(self) -> bool:
+        return self.journal.offline_since is not None
+
+    # -- events -------------------------------------------------------------------------------
+
+    def attach(self, engine) -> None:
+        super().attach(engine)
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.retry)
+
+    def start(self, engine) -> None:
+        if self.offline and not self._may_try():
+            self._queue_start_params(engine)
+            return
+        try:
+            super().start(engine)
+        except Exception as e:
+            if not is_outage(e):
+                raise
+            self._went_offline(e)
+            self._queue_start_params(engine)
+            return
+        self._ask_history = bool(self.cur_run.data.metrics)  # a resumed run: it may hold steps already
+        self._went_online()
+
+    def retry(self, engine=None) -> None:
+        """While the server is unreachable, send the journal again (at most every ``retry_seconds``)."""
+        if self.offline and self._may_try():
+            self._flush()
+
+    def complete(self) -> None:
+        if self.offline:
+            paths = self._parse_artifacts() if self.artifacts else []
+            self.journal.add(self._record("artifact", path=str(p)) for p in paths)
+            return
+        try:
+            super().complete()
+        except Exception as e:
+            if not is_outage(e):
+                raise
+            self._went_offline(e)
+
+    def close(self) -> None:
+        if self.offline:
+            self.journal.last_try = 0.0  # the last chance: try now
+            self._flush()
+        if not self.offline:
+            try:
+                super().close()
+                return
+            except Exception as e:
+                if not is_outage(e):
+                    raise
+                self._went_offline(e)
+        self._fall_back()
+
+    # -- what MONAI's handler logs comes through here -----------------------------------------
+
+    def _log_params(self, params: dict[str, Any]) -> None:
+        self._send_or_queue(self._record("params", params={k: str(v) for k, v in params.items()}))
+
+    def _log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        step = int(step or 0)
+        values = {}
+        for key, value in flatten_dict(metrics).items():
+            known = self._known_steps(key)
+            if step in known:
+                continue  # a resumed run replays the interrupted epoch: this step is there already
+            known.add(step)
+            values[key] = float(value)
+        if values:
+            self._send_or_queue(
+                self._record("metrics", metrics=values, step=step, time=int(time.time() * 1000))
+            )
+
+    def _known_steps(self, key: str) -> set[int]:
+        if key not in self._known:
+            steps: set[int] = set()
+            if self._ask_history and not self.offline and self.cur_run is not None:
+                try:
+                    steps = {m.step for m in self.client.get_metric_history(self.cur_run.info.run_id, key)}
+                except Exception as e:
+                    if not is_outage(e):
+                        raise
+                    self._went_offline(e)
+            self._known[key] = steps
+        return self._known[key]
+
+    # -- sending, queueing, falling back ------------------------------------------------------
+
+    def _record(self, op: str, **fields) -> dict:
+        return {"op": op, "experiment": self.experiment_name, "run": self.run_name, **fields}
+
+    def _queue_start_params(self, engine) -> None:
+        params = dict(self.experiment_param or {})
+        params.update({a: getattr(engine.state, a, None) for a in self.default_tracking_params})
+        record = self._record("params", params={k: str(v) for k, v in params.items()})
+        if record not in self.journal.records:  # the evaluator starts every epoch
+            self.journal.add([record])
+
+    def _send_or_queue(self, record: dict) -> None:
+        if self.offline or self.cur_run is None:
+            self.journal.add([record])
+            return
+        try:
+            _apply(self.client, self.cur_run.info.run_id, record)
+        except Exception as e:
+            if not is_outage(e):
+                raise
+            self._went_offline(e)
+            self.journal.add([record])
+
+    def _run_id(self, client, experiment_name: str, run_name: str | None) -> str:
+        """The unfinished run of that name in that experiment (as MONAI picks it), or a new one."""
+        experiment = client.get_experiment_by_name(experiment_name)
+        if experiment is None:
+            experiment = client.get_experiment(
+                client.create_experiment(experiment_name, artifact_location=self.artifact_location)
+            )
+        name = run_name or f"run_{time.strftime('%Y%m%d_%H%M%S')}"
+        runs = [
+            r
+            for r in client.search_runs([experiment.experiment_id])
+            if r.info.run_name == name and r.info.status != self.run_finish_status
+        ]
+        return (
+            runs[-1].info.run_id
+            if runs
+            else client.create_run(experiment.experiment_id, run_name=name).info.run_id
+        )
+
+    def _replay(self, client) -> list[str]:
+        """Send the journal in order, each record to its run; returns the runs written to."""
+        runs: dict[tuple, str] = {}
+        history: dict[tuple, set[int]] = {}
+        for record in self.journal.records:
+            target = (record["experiment"], record["run"])
+            if target not in runs:
+                runs[target] = self._run_id(client, *target)
+            run_id = runs[target]
+            if record["op"] == "metrics":  # a resumed run may hold some of these steps already
+                fresh = {}
+                for key, value in record["metrics"].items():
+                    if (run_id, key) not in history:
+                        history[run_id, key] = {m.step for m in client.get_metric_history(run_id, key)}
+                    if record["step"] not in history[run_id, key]:
+                        fresh[key] = value
+                        history[run_id, key].add(record["step"])
+                record = {**record, "metrics": fresh}
+            _apply(client, run_id, record)
+        return list(runs.values())
+
+    def _flush(self) -> None:
+        self.journal.last_try = time.monotonic()
+        try:
+            self._replay(self.client)
+            if self.cur_run is None:
+                self.cur_run = self.client.get_run(
+                    self._run_id(self.client, self.experiment_name, self.run_name)
+                )
+        except Exception as e:
+            if not is_outage(e):
+                raise
+            logger.info(
+                "MLflow at %s still unreachable; %d records wait", self._uri(), len(self.journal.records)
+            )
+            return
+        logger.warning(
+            "MLflow at %s answers again: %d waiting records sent", self._uri(), len(self.journal.records)
+        )
+        self.journal.clear()
+        self.journal.offline_since = None
+        self._ask_history, self._known = True, {}  # the run holds those steps now
+
+    def _fall_back(self) -> None:
+        if not self.journal.records:
+            return
+        import mlflow
+
+        n, uri = len(self.journal.records), self._uri()
+        if self.fallback_uri == uri:
+            logger.warning("MLflow store %s unreachable: %d records kept in %s", uri, n, self.journal.path)
+            return
+        try:
+            local = mlflow.MlflowClient(tracking_uri=self.fallback_uri)
+            for run_id in self._replay(local):
+                local.set_terminated(run_id, self.run_finish_status)
+        except Exception as e:  # the last resort failed too: the journal keeps everything
+            logger.warning(
+                "could not write to the local MLflow store %s either (%s); %d records kept in %s",
+                self.fallback_uri,
+                _short(e),
+                n,
+                self.journal.path,
+            )
+            return
+        logger.warning(
+            "MLflow at %s stayed unreachable: the run's %d records are in the local store %s "
+            "(mlflow ui --backend-store-uri %s) and in %s, which the next run of this bundle sends to %s",
+            uri,
+            n,
+            self.fallback_uri,
+            self.fallback_uri,
+            self.journal.path,
+            uri,
+        )
+
+    def _went_online(self) -> None:
+        if self.journal.records:
+            self._flush()
+        else:
+            self.journal.offline_since = None
+
+    def _went_offline(self, error: BaseException) -> None:
+        journal = self.journal
+        if journal.offline_since is None:
+            journal.offline_since = time.time()
+            journal.last_try = time.monotonic()
+        if not journal.warned:
+            journal.warned = True
+            logger.warning(
+                "MLflow tracking at %s is unreachable (%s): training goes on; metrics and parameters "
+                "are kept in %s and sent when it answers again (tried at epoch ends)",
+                self._uri(),
+                _short(error),
+                journal.path,
+            )
+
+    def _uri(self) -> str:
+        return str(getattr(self.client, "tracking_uri", "") or os.environ.get("MLFLOW_TRACKING_URI", ""))
+
+    def _may_try(self) -> bool:
+        return time.monotonic() - self.journal.last_try >= self.retry_seconds
+
+
+def _apply(client, run_id: str, record: dict) -> None:
+    """One journal record, written to ``run_id``."""
+    import mlflow
+
+    op = record["op"]
+    if op == "params":
+        logged = client.get_run(run_id).data.params  # MLflow refuses to log a parameter twice
+        params = [mlflow.entities.Param(k, v) for k, v in record["params"].items() if k not in logged]
+        if params:
+            client.log_batch(run_id=run_id, metrics=[], params=params, tags=[])
+    elif op == "metrics" and record["metrics"]:
+        metrics = [
+            mlflow.entities.Metric(k, v, record["time"], record["step"]) for k, v in record["metrics"].items()
+        ]
+        client.log_batch(run_id=run_id, metrics=metrics, params=[], tags=[])
+    elif op == "artifact" and Path(record["path"]).is_file():
+        client.log_artifact(run_id, record["path"])

@@ -1,0 +1,115 @@
+"""Stopping and restarting a bundle run as users do: kill -9 mid-epoch, a longer --epochs, torchrun."""
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+import torch
+from helpers import ROOT, bundle, mlflow_runs
+
+CONFIGS = ROOT / "bundles" / "kvasir_gaze" / "configs"
+TRAIN = str(CONFIGS / "train.json")
+SMALL = ["--image_size", "[32,32]", "--batch_size", "1", "--cache_workers", "1", "--val_fraction", "0.34"]
+
+
+def _common(root, data):
+    return ["--bundle_root", root, "--dataset_dir", data, "--gaze_csv", data / "gaze.csv", *SMALL]
+
+
+def _histories(root):
+    """Every metric's (step, value) history of the bundle's training run."""
+    from mlflow.tracking import MlflowClient
+
+    run = [
+        r
+        for r in mlflow_runs(root / "outputs" / "mlruns.db", "kvasir_gaze")
+        if "val_mean_dice" in r.data.metrics
+    ]
+    assert len(run) == 1
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'outputs' / 'mlruns.db'}")
+    return {
+        k: sorted((m.step, m.value) for m in client.get_metric_history(run[0].info.run_id, k))
+        for k in run[0].data.metrics
+    }
+
+
+def _weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_killed_mid_epoch_and_resumed_equals_never_interrupted(synthetic_root, tmp_path, workers):
+    """SIGKILL in epoch 2 of 3, then the same command again: the same weights, metrics and MLflow history."""
+    common = ["--epochs", 3, "--num_workers", workers]
+    bundle("--config_file", TRAIN, *_common(tmp_path / "whole", synthetic_root), *common)
+    kill = tmp_path / "kill.json"  # the process kills itself with SIGKILL after iteration 5 (epoch 2 of 3)
+    kill.write_text(json.dumps({"run": [
+        "$@train#trainer.add_event_handler(ignite.engine.Events.ITERATION_COMPLETED(once=5), "
+        "lambda e: os.kill(os.getpid(), 9))", "$@train#trainer.run()"]}))  # fmt: skip
+    killed = tmp_path / "killed"
+    p = bundle("--config_file", f"['{TRAIN}','{kill}']", *_common(killed, synthetic_root), *common, ok=False)
+    assert p.returncode == -9, p.stderr[-2000:]
+    assert torch.load(killed / "models" / "latest.pt", weights_only=True)["trainer"]["epoch"] == 1
+    log = bundle("--config_file", TRAIN, *_common(killed, synthetic_root), *common).stdout
+    assert "resumed from" in log and "at epoch 1" in log
+    for name in ("model.pt", "latest.pt"):
+        whole, resumed = _weights(tmp_path / "whole" / "models" / name), _weights(killed / "models" / name)
+        assert all(torch.equal(whole[k], resumed[k]) for k in whole), name
+    whole, resumed = _histories(tmp_path / "whole"), _histories(killed)
+    assert resumed == whole  # every metric, step and value; no step twice
+    assert all(n == 1 for h in resumed.values() for n in Counter(step for step, _ in h).values())
+
+
+def test_a_crafted_latest_checkpoint_is_refused_before_it_runs(synthetic_root, tmp_path):
+    marker = tmp_path / "code_ran"
+    script = (
+        f"import torch\nclass P:\n    def __reduce__(self):\n        return (open, ({str(marker)!r}, 'w'))\n"
+    )
+    script += f"torch.save({{'model': {{}}, 'x': P()}}, {str(tmp_path / 'run' / 'models' / 'latest.pt')!r})\n"
+    (tmp_path / "run" / "models").mkdir(parents=True)
+    subprocess.run([sys.executable, "-c", script], check=True)
+    p = bundle(
+        "--config_file",
+        TRAIN,
+        *_common(tmp_path / "run", synthetic_root),
+        "--epochs",
+        1,
+        "--num_workers",
+        0,
+        ok=False,
+    )
+    log = p.stdout + p.stderr
+    assert p.returncode != 0 and "cannot read checkpoint" in log and "latest.pt as weights" in log
+    assert not marker.exists()
+
+
+def test_torchrun_resumes_on_every_rank_and_a_single_process_resumes_it(synthetic_root, tmp_path):
+    """latest.pt is written by rank 0 without DDP's ``module.`` prefix and loaded by every rank."""
+    root = tmp_path / "ddp"
+    files = f"['{TRAIN}','{CONFIGS / 'multi_gpu_train.json'}']"
+
+    def torchrun(epochs):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "monai.bundle",
+               "run", "--config_file", files, "--features", "[8,8,16,16,32,8]",
+               *map(str, _common(root, synthetic_root)), "--val_fraction", "0.5", "--epochs", str(epochs),
+               "--num_workers", "0"]  # fmt: skip
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout + proc.stderr
+
+    torchrun(1)
+    log = torchrun(2)
+    assert log.count("resumed from") == 2 and log.count("at epoch 1") == 2  # both ranks
+    ckpt = torch.load(root / "models" / "latest.pt", weights_only=True)
+    assert ckpt["trainer"]["epoch"] == 2 and not any(k.startswith("module.") for k in ckpt["model"])
+    assert len(ckpt["random"]) == 2  # each rank's random streams
+    p = bundle("--config_file", TRAIN, "--features", "[8,8,16,16,32,8]", *_common(root, synthetic_root),
+               "--val_fraction", "0.5", "--epochs", 3, "--num_workers", 0)  # fmt: skip
+    log = p.stdout + p.stderr
+    assert "resumed from" in log and "at epoch 2" in log and "random streams restart" in log
+    assert torch.load(root / "models" / "latest.pt", weights_only=True)["trainer"]["epoch"] == 3

@@ -1,0 +1,54 @@
+"""The chain over a data set folder: what a killed run leaves behind (no orphaned workers).
+
+The rest of ``gazemonai.gaze.dataset`` (resume, manifest, counted skips, failures, the lock) is
+tested through the command that runs it, in tests/test_cli.py.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+POOL = """
+import sys, time
+from concurrent.futures import ProcessPoolExecutor
+from gazemonai.gaze.dataset import _init_worker
+import os
+with ProcessPoolExecutor(2, initializer=_init_worker, initargs=(os.getpid(),)) as pool:
+    futures = [pool.submit(time.sleep, 600) for _ in range(2)]  # workers busy for ten minutes
+    time.sleep(1.0)
+    print(" ".join(str(p) for p in pool._processes), flush=True)
+    time.sleep(600)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_pool_workers_end_when_their_parent_is_killed():
+    """A worker busy with an image must not outlive a ``kill -9`` of the run that started it."""
+    parent = subprocess.Popen([sys.executable, "-c", POOL], stdout=subprocess.PIPE, text=True)
+    try:
+        workers = [int(p) for p in parent.stdout.readline().split()]
+        assert len(workers) == 2 and all(_alive(w) for w in workers)
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        deadline = time.time() + 10
+        while any(_alive(w) for w in workers) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(w) for w in workers)
+    finally:
+        for w in workers if "workers" in locals() else []:
+            try:
+                os.kill(w, signal.SIGKILL)
+            except OSError:
+                pass

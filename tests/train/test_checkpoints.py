@@ -1,0 +1,163 @@
+"""Resumable training state: the latest state, the best model, the random streams; only weights are read."""
+
+import pytest
+import torch
+from ignite.engine import Engine, Events
+
+from gazemonai.errors import CheckpointReadError
+from gazemonai.train.checkpoints import BestCheckpoint, LatestCheckpoint, RandomStates, load_weights
+
+
+def test_latest_checkpoint_round_trip(tmp_path):
+    net = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    engine = Engine(lambda e, b: None)
+    ckpt = LatestCheckpoint(str(tmp_path / "latest.pt"), {"model": net, "optimizer": opt})
+    ckpt.attach(engine)
+    engine.run([0, 0], max_epochs=2)
+    saved = {k: v.clone() for k, v in net.state_dict().items()}
+    assert (tmp_path / "latest.pt").is_file() and not list(tmp_path.glob("*.tmp"))
+    net2 = torch.nn.Linear(2, 1)
+    engine2 = Engine(lambda e, b: None)
+    epochs = []
+    engine2.add_event_handler(Events.EPOCH_COMPLETED, lambda e: epochs.append(e.state.epoch))
+    LatestCheckpoint(str(tmp_path / "latest.pt"), {"model": net2}).attach(engine2)
+    engine2.run([0, 0], max_epochs=3)
+    assert epochs == [3]  # resumed after epoch 2
+    assert all(torch.equal(saved[k], v) for k, v in net2.state_dict().items())
+
+
+class _Payload:
+    """Unpickling this runs code: what a crafted latest.pt or model.pt would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # creates the marker file when unpickled
+
+
+def test_a_crafted_checkpoint_cannot_run_code(tmp_path):
+    marker = tmp_path / "code_ran"
+    torch.save({"model": {}, "trainer": {"epoch": 1}, "x": _Payload(marker)}, tmp_path / "latest.pt")
+    engine = Engine(lambda e, b: None)
+    LatestCheckpoint(str(tmp_path / "latest.pt"), {"model": torch.nn.Linear(2, 1)}).attach(engine)
+    with pytest.raises(CheckpointReadError, match="cannot read checkpoint .*latest.pt as weights"):
+        engine.run([0], max_epochs=1)
+    assert not marker.exists()
+    with pytest.raises(CheckpointReadError):
+        load_weights(tmp_path / "latest.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "latest.pt").read_bytes()[:100])  # a truncated file
+    with pytest.raises(CheckpointReadError, match="cut.pt"):
+        load_weights(tmp_path / "cut.pt")
+    assert not marker.exists()
+
+
+def _scripted_evaluator(scores):
+    """An evaluator whose key metric takes the next of ``scores`` at each run."""
+    it = iter(scores)
+    evaluator = Engine(lambda e, b: None)
+    evaluator.state.key_metric_name = "dice"
+    evaluator.add_event_handler(Events.EPOCH_COMPLETED, lambda e: e.state.metrics.update(dice=next(it)))
+    return evaluator
+
+
+def _run(tmp_path, net, scores, epochs, extra=None):
+    """A trainer that changes ``net`` each epoch, validates with scripted scores, resumes from latest.pt."""
+    evaluator = _scripted_evaluator(scores)
+    best = BestCheckpoint(str(tmp_path / "model.pt"), net)
+    best.attach(evaluator)
+    trainer = Engine(lambda e, b: torch.nn.init.constant_(net.weight, float(e.state.iteration)))
+
+    def validate(e):  # as MONAI's evaluator runs: its epoch is the trainer's
+        evaluator.state.max_epochs, evaluator.state.epoch, evaluator.state.iteration = (
+            e.state.epoch,
+            e.state.epoch - 1,
+            0,
+        )
+        evaluator.run([0])
+
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, validate)
+    LatestCheckpoint(str(tmp_path / "latest.pt"), {"model": net, "best": best, **(extra or {})}).attach(
+        trainer
+    )
+    trainer.run([0], max_epochs=epochs)
+    return evaluator
+
+
+def test_the_best_model_survives_a_resume(tmp_path):
+    net = torch.nn.Linear(1, 1, bias=False)
+    _run(tmp_path, net, [0.5, 0.8], epochs=2)  # best at epoch 2: weight 2
+    assert torch.load(tmp_path / "model.pt", weights_only=True)["model"]["weight"].item() == 2.0
+    # a longer run: the first validation after the resume (0.6) is worse than the best before it
+    _run(tmp_path, net, [0.6, 0.9], epochs=4)
+    assert torch.load(tmp_path / "model.pt", weights_only=True)["model"]["weight"].item() == 4.0  # epoch 4's
+    evaluator = _run(tmp_path, net, [0.7], epochs=5)
+    assert torch.load(tmp_path / "model.pt", weights_only=True)["model"]["weight"].item() == 4.0  # kept
+    assert torch.load(tmp_path / "latest.pt", weights_only=True)["best"] == {"best": 0.9, "best_epoch": 4}
+    # what MONAI's evaluator reports as the best so far is restored with it
+    assert (evaluator.state.best_metric, evaluator.state.best_metric_epoch) == (0.9, 4)
+
+
+def _lrs(tmp_path, epochs, iterations_per_epoch=4, planned_epochs=None):
+    net = torch.nn.Linear(1, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=1.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+        opt, T_max=(planned_epochs or epochs) * iterations_per_epoch, eta_min=0.01
+    )
+    trainer = Engine(lambda e, b: (opt.step(), sched.step()))
+    lrs = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: lrs.append(opt.param_groups[0]["lr"]))
+    LatestCheckpoint(str(tmp_path / "latest.pt"), {"model": net, "optimizer": opt, "lr": sched}).attach(
+        trainer
+    )
+    trainer.run([0] * iterations_per_epoch, max_epochs=epochs)
+    return lrs
+
+
+def test_a_longer_run_continues_the_schedule_instead_of_warming_up(tmp_path):
+    first = _lrs(tmp_path, epochs=2)
+    assert first[-1] == pytest.approx(0.01)  # the planned 8 steps ended at eta_min
+    more = _lrs(tmp_path, epochs=4)  # --epochs 4: 8 more steps
+    assert len(more) == 8 and all(b <= a + 1e-12 for a, b in zip([first[-1]] + more, more))  # never climbs
+    assert more[-1] == pytest.approx(0.01)
+    # resumed mid-schedule with the run made longer: from the current rate down to eta_min, no jump
+    (tmp_path / "latest.pt").unlink()
+    half = _lrs(tmp_path, epochs=1, planned_epochs=2)
+    rest = _lrs(tmp_path, epochs=4, planned_epochs=4)
+    assert (
+        rest[0] < half[-1]
+        and all(b <= a + 1e-12 for a, b in zip(rest, rest[1:]))
+        and rest[-1] == pytest.approx(0.01)
+    )
+    # the same plan resumed: exactly the uninterrupted schedule
+    (tmp_path / "latest.pt").unlink()
+    whole = _lrs(tmp_path / "a", epochs=3)
+    _lrs(tmp_path / "b", epochs=1, planned_epochs=3)
+    assert _lrs(tmp_path / "b", epochs=3) == whole[4:]
+
+
+def test_random_states_round_trip_with_the_transforms():
+    import random
+
+    import numpy as np
+    from monai.transforms import Compose, RandFlipd, RandRotate90d
+
+    transforms = Compose([RandFlipd("x", prob=0.5), RandRotate90d("x", prob=0.5)])
+    transforms.set_random_state(3)
+    states = RandomStates(transforms)
+    saved = states.state_dict()
+
+    def draws():
+        return (
+            torch.rand(3).tolist(),
+            np.random.rand(3).tolist(),  # noqa: NPY002 - MONAI's legacy global stream
+            random.random(),
+            [t.R.rand() for t in transforms.transforms],
+        )
+
+    first = draws()
+    states.load_state_dict(saved)
+    assert draws() == first
+    with pytest.raises(ValueError, match="3 random transform states but the training transforms have 4"):
+        RandomStates(Compose([*transforms.transforms, RandFlipd("x", prob=0.5)])).load_state_dict(saved)

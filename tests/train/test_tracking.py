@@ -1,0 +1,136 @@
+"""MLflow tracking against a real server on loopback: outages, restarts and resumed runs."""
+
+import logging
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+from helpers import free_port, wait_http
+from ignite.engine import Engine, Events
+
+from gazemonai.train.tracking import MLflowTracking, is_outage
+
+
+def _server(db, port):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{db}", "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    wait_http(f"http://127.0.0.1:{port}/health", proc)
+    return proc
+
+
+def _stop(proc):
+    proc.terminate()
+    proc.wait(30)
+
+
+def _history(uri, run_name="r", key="loss"):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("e")
+    runs = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_name == run_name]
+    assert len(runs) == 1, runs
+    return runs[0], sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, key))
+
+
+def _trainer(uri, journal, epochs=3, iterations=2, hooks=(), close=True):
+    engine = Engine(lambda e, b: {"loss": float(e.state.iteration)})
+    for event, hook in hooks:
+        engine.add_event_handler(event, hook)
+    MLflowTracking(
+        tracking_uri=uri, experiment_name="e", run_name="r", pending_path=journal, retry_seconds=0,
+        output_transform=lambda out: out["loss"], tag_name="loss", close_on_complete=close,
+        experiment_param={"lr": 0.1},
+    ).attach(engine)  # fmt: skip
+    engine.run([0] * iterations, max_epochs=epochs)
+    return engine
+
+
+def test_training_goes_on_when_the_server_is_down_from_the_start(tmp_path, caplog):
+    dead = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="gazemonai.train.tracking"):
+        _trainer(dead, tmp_path / "journal.jsonl")
+    assert time.monotonic() - started < 30  # MLflow's own retries would block for minutes
+    warnings = [r.getMessage() for r in caplog.records]
+    assert sum("is unreachable" in w for w in warnings) == 1  # warned once
+    assert any("are in the local store" in w for w in warnings)
+    run, steps = _history(f"sqlite:///{tmp_path / 'mlruns.db'}")  # the fallback next to the journal
+    assert steps == [1, 2, 3, 4, 5, 6] and run.data.params["lr"] == "0.1" and run.info.status == "FINISHED"
+    assert (tmp_path / "journal.jsonl").is_file()  # kept for the next run to send to the server
+
+    # the next run of the same bundle, with the server up, sends what the first one could not
+    port = free_port()
+    server = _server(tmp_path / "server.db", port)
+    try:
+        uri = f"http://127.0.0.1:{port}"
+        _trainer(uri, tmp_path / "journal.jsonl", epochs=1, iterations=1)
+        run, steps = _history(uri)
+        assert steps == [1, 2, 3, 4, 5, 6]  # the first run's steps; the second's step 1 is not doubled
+        assert not (tmp_path / "journal.jsonl").exists()
+    finally:
+        _stop(server)
+
+
+def test_a_server_that_goes_down_and_comes_back_gets_every_record_once(tmp_path, caplog):
+    port = free_port()
+    db, uri = tmp_path / "server.db", f"http://127.0.0.1:{port}"
+    server = {"proc": _server(db, port)}
+
+    def kill_after_epoch_1(engine):
+        if engine.state.epoch == 1:
+            _stop(server["proc"])
+
+    def restart_before_epoch_3(engine):
+        if engine.state.epoch == 3:
+            server["proc"] = _server(db, port)
+
+    try:
+        hooks = [(Events.EPOCH_COMPLETED, kill_after_epoch_1), (Events.EPOCH_STARTED, restart_before_epoch_3)]
+        with caplog.at_level(logging.WARNING, logger="gazemonai.train.tracking"):
+            _trainer(uri, tmp_path / "journal.jsonl", epochs=4, hooks=hooks)
+        run, steps = _history(uri)
+        assert steps == list(range(1, 9)) and run.info.status == "FINISHED"
+        assert any("answers again" in r.getMessage() for r in caplog.records)
+        assert not (tmp_path / "journal.jsonl").exists()
+    finally:
+        _stop(server["proc"])
+
+
+def test_a_resumed_run_logs_no_step_twice(tmp_path):
+    port = free_port()
+    server = _server(tmp_path / "server.db", port)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        _trainer(uri, tmp_path / "j.jsonl", epochs=2, close=False)  # killed: the run stays unfinished
+
+        # resumed from the end of epoch 1: epoch 2 (steps 3, 4) is replayed, epoch 3 is new
+        engine = Engine(lambda e, b: {"loss": float(e.state.iteration)})
+        engine.add_event_handler(
+            Events.STARTED, lambda e: setattr(e.state, "epoch", 1) or setattr(e.state, "iteration", 2)
+        )
+        MLflowTracking(tracking_uri=uri, experiment_name="e", run_name="r", pending_path=tmp_path / "j.jsonl",
+                       output_transform=lambda out: out["loss"], tag_name="loss").attach(engine)  # fmt: skip
+        engine.run([0, 0], max_epochs=3)
+        run, steps = _history(uri)
+        assert Counter(steps) == Counter([1, 2, 3, 4, 5, 6])
+    finally:
+        _stop(server)
+
+
+def test_only_unreachable_stores_count_as_outages():
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    refused = MlflowException("API request failed")
+    refused.__cause__ = requests.exceptions.ConnectionError("refused")
+    assert is_outage(refused) and is_outage(TimeoutError("slow"))
+    assert not is_outage(MlflowException("RESOURCE_DOES_NOT_EXIST: no experiment"))
+    assert not is_outage(ValueError("a bug"))
+    with pytest.raises(ValueError, match="file store"):  # a wrong URI is still an error, at once
+        MLflowTracking(tracking_uri="file:///tmp/x")
