@@ -43,6 +43,21 @@ def _int_option(name: str, value, minimum: int, optional: bool = True) -> int | 
     return value
 
 
+def _text_option(name: str, value, optional: bool = True) -> str | None:
+    """``value`` of ``--name`` as text (a path, a name); fire gives ``True`` for an option without a value."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or value is None or not isinstance(value, (str, int, float)):
+        raise InvalidInputError(f"{_flag(name)} needs a value such as a path or a name, got {value!r}")
+    return str(value)
+
+
+def _bool_option(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidInputError(f"{_flag(name)} takes no value, got {value!r}")
+    return value
+
+
 def _number_option(name: str, value, positive: bool = True) -> float | None:
     if value is None:
         return None
@@ -91,6 +106,8 @@ def _floats(value) -> tuple[float, ...] | None:
         return None
     if isinstance(value, (int, float)):
         return (float(value),)
+    if isinstance(value, bool):
+        raise InvalidInputError(f"--thresholds needs a value such as 0.5,0.3, got {value!r}")
     if isinstance(value, str):
         value = value.strip("[]() ").split(",")
     try:
@@ -151,9 +168,23 @@ def pseudo_masks(
 
     if preset not in PRESETS:
         raise InvalidInputError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
-    for name, value in (("full_resolution", full_resolution), ("no_crf", no_crf), ("strict", strict)):
-        if not isinstance(value, bool):
-            raise InvalidInputError(f"{_flag(name)} takes no value, got {value!r}")
+    flags = {
+        "full_resolution": full_resolution,
+        "no_crf": no_crf,
+        "strict": strict,
+        "no_maps": no_maps,
+        "quiet": quiet,
+    }
+    for name, value in flags.items():
+        _bool_option(name, value)
+    data_root, gaze_csv, out = (
+        _text_option(n, v, False) for n, v in (("data_root", data_root), ("gaze_csv", gaze_csv), ("out", out))
+    )
+    split, heatmap_mode = _text_option("split", split), _text_option("heatmap_mode", heatmap_mode)
+    images_dir, masks_dir = (
+        _text_option("images_dir", images_dir, False),
+        _text_option("masks_dir", masks_dir, False),
+    )
     limit, workers = _int_option("limit", limit, 1), _int_option("workers", workers, 1)
     max_side = _int_option("max_side", max_side, 1)
     config = PRESETS[preset].replace(
@@ -166,7 +197,7 @@ def pseudo_masks(
     if no_crf:
         config = dataclasses.replace(config, refine=False)
     ids = read_ids(split) if split else None
-    _output_folder("out", out)
+    _output_folder("out", out, create=False)  # made once the fixation CSV has been read
     summary = run_pseudo_masks(
         data_root,
         gaze_csv,
@@ -220,6 +251,11 @@ def simulate_gaze(
     from .gaze.simulate import GazeSimulator, simulate_gaze_folder
     from .prep.io import read_ids
 
+    masks, out, split = (
+        _text_option("masks", masks, False),
+        _text_option("out", out, False),
+        _text_option("split", split),
+    )
     seed = _int_option("seed", seed, 0, optional=False)
     if image_suffix is not None and (not isinstance(image_suffix, str) or not image_suffix.startswith(".")):
         raise InvalidInputError(f"--image-suffix must be an extension such as .jpg, got {image_suffix!r}")
@@ -256,6 +292,15 @@ def register(
     """
     from .serve.registry import register_bundle
 
+    bundle_dir, name = _text_option("bundle_dir", bundle_dir, False), _text_option("name", name, False)
+    checkpoint, tracking_uri = (
+        _text_option("checkpoint", checkpoint),
+        _text_option("tracking_uri", tracking_uri),
+    )
+    run_id, experiment_name = (
+        _text_option("run_id", run_id),
+        _text_option("experiment_name", experiment_name, False),
+    )
     if override is not None and not isinstance(override, dict):
         raise InvalidInputError(
             f"--override must be a dict such as \"{{'image_size': [96, 96]}}\", got {override!r}"
@@ -314,15 +359,25 @@ def prepare_slices(
         raise InvalidInputError("--nifti-images and --nifti-masks go together")
     if dicom and not (dicom_root and labels_root):
         raise InvalidInputError("--dicom-root and --labels-root go together")
+    out = _text_option("out", out, False)
+    nifti_images, nifti_masks = (
+        _text_option("nifti_images", nifti_images),
+        _text_option("nifti_masks", nifti_masks),
+    )
+    dicom_root, labels_root = _text_option("dicom_root", dicom_root), _text_option("labels_root", labels_root)
     seed = _int_option("seed", seed, 0, optional=False)
     if not 0.0 <= _number_option("test_fraction", test_fraction, positive=False) < 1.0:
         raise InvalidInputError(f"--test-fraction must be in [0, 1), got {test_fraction!r}")
     _output_folder("out", out, create=False)  # made only once every volume has been read in full
     cases = nifti_cases(nifti_images, nifti_masks) if nifti else nci_isbi_cases(dicom_root, labels_root)
+    if isinstance(test_patients, bool):
+        raise InvalidInputError("--test-patients needs a value such as 020,021")
     if isinstance(test_patients, str):
         test_patients = [p.strip() for p in test_patients.split(",") if p.strip()]
     elif isinstance(test_patients, (int, float)):
         test_patients = [str(test_patients)]
+    elif isinstance(test_patients, (list, tuple)):  # fire reads 020,021 as a tuple (of numbers)
+        test_patients = [str(p) for p in test_patients]
     summary = run(cases, out, test_fraction=float(test_fraction), seed=seed, test_patients=test_patients)
     print(
         f"prepared {summary['slices']} gland slices of {summary['patients']} patients: "
@@ -340,28 +395,64 @@ COMMANDS = {
 }
 
 
-def _check_flags(argv: list[str]) -> None:
-    """Refuse an unknown ``--option`` before the command runs.
+def _see_help(command: str) -> str:
+    return f"`gazemonai {command} --help` lists the options"
 
-    fire runs a command with the options it recognised and complains about the others only
-    afterwards, so a misspelled option would run a whole job with its default first.
+
+def _is_number(token: str) -> bool:
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_flags(argv: list[str]) -> None:
+    """Refuse what the command would not understand, before it runs.
+
+    fire runs a command with the arguments it recognised and complains about the others only
+    afterwards, so a misspelled option or one argument too many would run a whole job with the
+    defaults first. Options are ``--name value``, ``--name=value``, ``--flag`` / ``--noflag`` for
+    true/false settings; the rest are the command's arguments in order.
     """
     if not argv or argv[0] not in COMMANDS:
         return
     command, params = argv[0], inspect.signature(COMMANDS[argv[0]]).parameters
-    for token in argv[1:]:
-        if token == "--":  # fire's own flags follow
-            break
-        if not token.startswith("--") or token == "--help":
-            continue
-        name = token[2:].split("=", 1)[0].replace("-", "_")
-        negated = name.startswith("no") and isinstance(getattr(params.get(name[2:]), "default", None), bool)
-        if name in params or negated:
-            continue
-        close = difflib.get_close_matches(name, list(params), n=1)
-        hint = f" (did you mean {_flag(close[0])}?)" if close else ""
+    tokens, given, positional, i = argv[1:], set(), [], 0
+    while i < len(tokens):
+        token = tokens[i]
+        if token == "--" or token in ("--help", "-h"):  # fire's own flags, or help: fire's business
+            return
+        if token.startswith("--"):
+            name = token[2:].split("=", 1)[0].replace("-", "_")
+            negated = name not in params and name.startswith("no") and name[2:] in params
+            if name not in params and not negated:
+                close = difflib.get_close_matches(name, list(params), n=1)
+                hint = f" (did you mean {_flag(close[0])}?)" if close else ""
+                raise InvalidInputError(
+                    f"{command}: unknown option {_flag(name)}{hint}; {_see_help(command)}"
+                )
+            target = name[2:] if negated else name
+            given.add(target)
+            following = tokens[i + 1] if i + 1 < len(tokens) else None
+            if "=" not in token and not negated:
+                if isinstance(params[target].default, bool):
+                    i += following in ("True", "False", "true", "false")
+                elif following is None or (following.startswith("-") and not _is_number(following)):
+                    raise InvalidInputError(f"{command}: {_flag(target)} needs a value")
+                else:
+                    i += 1
+        elif token.startswith("-") and not _is_number(token):
+            raise InvalidInputError(
+                f"{command}: unknown option {token}; options are written --name (see --help)"
+            )
+        else:
+            positional.append(token)
+        i += 1
+    free = [n for n in params if n not in given]
+    if len(positional) > len(free):
         raise InvalidInputError(
-            f"{command}: unknown option {_flag(name)}{hint}; `gazemonai {command} --help` lists the options"
+            f"{command}: unexpected argument {positional[len(free)]!r}; {_see_help(command)}"
         )
 
 

@@ -261,6 +261,21 @@ BAD_PSEUDO_MASKS = {
     "a flag with a value": (["--full-resolution=5"], "--full-resolution takes no value"),
     "misspelled option": (["--max-sid", "5"], "unknown option --max-sid (did you mean --max-side?)"),
     "misspelled option name": (["--gaze-cvs", "x.csv"], "unknown option --gaze-cvs"),
+    "a short option": (["-w", "2"], "unknown option -w; options are written --name"),
+    "a stray argument (read as the preset, the first one not given by name)": (
+        ["extra"],
+        "unknown preset 'extra'",
+    ),
+    "an option without its value": (["--split"], "--split needs a value"),
+    "thresholds without a value": (["--thresholds", "--quiet"], "--thresholds needs a value"),
+    "split not UTF-8": (
+        lambda d, o: ["--split", _write(d / "l.txt", b"synth_000\nsynth_\xff\n", True)],
+        "l.txt, line 2: not UTF-8",
+    ),
+    "csv with an unclosed quote": (
+        _csv("q.csv", '"synth_000.png,1,0.5,0.5,300,96,128\n' + "x" * 140000 + "\n"),
+        "q.csv, line 2: field larger than field limit",
+    ),
     "out is a file": (lambda d, o: ["--out", d / "gaze.csv"], "gaze.csv is a file, not a folder"),
     "out inside a file": (lambda d, o: ["--out", d / "gaze.csv" / "sub"], "gaze.csv is a file, not a folder"),
     "csv missing": (lambda d, o: ["--gaze-csv", d / "none.csv"], "fixation CSV not found"),
@@ -474,10 +489,10 @@ def test_prepare_slices_refuses_bad_options(tmp_path, problem, capsys):
 
 
 def test_a_second_run_into_the_same_out_is_refused_while_the_first_writes(done_output, tmp_path):
-    from gazemonai.gaze.dataset import _exclusive
+    from gazemonai.prep.io import exclusive_folder
 
     data, out, before = done_output
-    with _exclusive(out):  # as a running `gazemonai pseudo-masks` holds it
+    with exclusive_folder(out, "x", "--out"):  # as a running `gazemonai pseudo-masks` holds it
         p = run(
             "pseudo-masks", "--data-root", data, "--gaze-csv", data / "gaze.csv", "--out", out, check_rc=2
         )
@@ -504,3 +519,71 @@ def test_a_decompression_bomb_fails_only_itself(dataset, tmp_path):
     assert summary["failed"] == 1 and summary["done"] == 5
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert "too large to be read safely" in manifest["failed"]["synth_003"]
+
+
+def test_resume_redoes_images_whose_fixations_or_image_changed(dataset, tmp_path):
+    out = tmp_path / "out"
+    pseudo_masks(dataset, out, "--quiet", "--workers", "1")
+    other = dataset / "other.csv"  # the same images, other gaze: the outputs must follow it
+    from gazemonai.gaze.fixations import read_fixation_csv, write_fixation_csv
+
+    tables = list(read_fixation_csv(dataset / "gaze.csv").values())
+    tables[0].xy = tables[0].xy[::-1].copy()  # synth_000's fixations in another order... and place
+    tables[0].xy[:, 0] = 1.0 - tables[0].xy[:, 0]
+    write_fixation_csv(other, tables)
+    summary = last_json(
+        run(
+            "pseudo-masks",
+            "--data-root",
+            dataset,
+            "--gaze-csv",
+            other,
+            "--out",
+            out,
+            "--quiet",
+            "--workers",
+            1,
+        )
+    )
+    assert summary["done"] == 1 and summary["resumed"] == 5
+    Image.fromarray(np.full((96, 128, 3), 90, np.uint8)).save(
+        dataset / "images" / "synth_004.png"
+    )  # a new image
+    summary = last_json(
+        run(
+            "pseudo-masks",
+            "--data-root",
+            dataset,
+            "--gaze-csv",
+            other,
+            "--out",
+            out,
+            "--quiet",
+            "--workers",
+            1,
+        )
+    )
+    assert summary["done"] == 1 and summary["resumed"] == 5
+
+
+def test_a_second_prepare_slices_into_the_same_out_is_refused(tmp_path):
+    import nibabel as nib
+
+    from gazemonai.prep.io import exclusive_folder
+
+    for case in ("001", "020"):
+        for folder, name, value in (
+            ("images", f"{case}_t2", np.arange(192.0)),
+            ("masks", f"{case}_t2_seg", np.ones(192)),
+        ):
+            (tmp_path / folder).mkdir(exist_ok=True)
+            nib.save(
+                nib.Nifti1Image(value.reshape(8, 8, 3).astype(np.float32), np.eye(4)),
+                tmp_path / folder / f"{name}.nii.gz",
+            )
+    (tmp_path / "out").mkdir()
+    with exclusive_folder(tmp_path / "out", "test", "--out"):
+        p = run("prepare-slices", "--out", tmp_path / "out", "--nifti-images", tmp_path / "images",
+                "--nifti-masks", tmp_path / "masks", check_rc=2)  # fmt: skip
+    assert "is being written by another `gazemonai prepare-slices`" in p.stderr
+    assert not (tmp_path / "out" / "images").exists()

@@ -25,7 +25,6 @@ What happens to bad input (all counted and listed in the summary and the manifes
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import hashlib
 import json
@@ -46,6 +45,7 @@ from ..metrics import EMPTY_CONVENTION, dice_score
 from ..prep.io import (
     IMAGE_EXTENSIONS,
     ImageReadError,
+    exclusive_folder,
     read_image,
     read_mask,
     resolve_in_folder,
@@ -85,6 +85,7 @@ def _process(job: PseudoMaskJob) -> dict:
     """Worker: one image -> files; returns its record (never raises for per-image problems)."""
     stem = job.fixations.stem
     rec: dict = {"image": job.fixations.image, "id": stem, "digest": job.config.digest()}
+    rec["inputs"] = _inputs_digest(job)
     t0 = time.perf_counter()
     try:
         img = read_image(job.image_path)
@@ -118,9 +119,23 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _complete(record: dict | None, out_dir: Path, files: list[Path], digest: str) -> bool:
-    """A record a resumed run may trust: done with these parameters, and every file as it was written."""
+def _inputs_digest(job: PseudoMaskJob) -> str | None:
+    """What an image's outputs were made from: the image file, its fixations and its mask (for the Dice)."""
+    h = hashlib.sha256(job.fixations.as_array().tobytes())
+    for path in (job.image_path, job.mask_path):
+        try:
+            h.update(Path(path).read_bytes() if path else b"-")
+        except OSError:
+            return None  # unreadable: the job itself will say so
+    return h.hexdigest()
+
+
+def _complete(record: dict | None, out_dir: Path, files: list[Path], digest: str, job: PseudoMaskJob) -> bool:
+    """A record a resumed run may trust: done with these parameters from these very inputs (image,
+    fixations, mask), and every file still as it was written."""
     if record is None or record.get("status") != "done" or record.get("digest") != digest:
+        return False
+    if record.get("inputs") is None or record.get("inputs") != _inputs_digest(job):
         return False
     hashes = record.get("files") or {}
     for path in files:
@@ -131,51 +146,28 @@ def _complete(record: dict | None, out_dir: Path, files: list[Path], digest: str
 
 
 def _init_worker(parent: int) -> None:
-    """A pool worker: one thread for torch, and it ends when the process that started it dies."""
+    """A pool worker: one thread for torch, and it ends when the process that started the run dies."""
     import torch
 
     torch.set_num_threads(1)
-    try:  # Linux: the kernel kills this worker when its parent dies, even by kill -9
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    if os.getppid() == parent:  # forked by the run itself (not by a forkserver)
+        try:  # Linux: the kernel kills this worker when its parent dies, even by kill -9
+            ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True, name="watch-parent").start()
 
 
 def _watch_parent(parent: int) -> None:
-    """Elsewhere (and as a second line): exit once the parent is gone (the worker is re-parented)."""
-    while os.getppid() == parent:
+    """Everywhere else (and as a second line): exit once the run's process is gone."""
+    while True:
         time.sleep(1.0)
-    os._exit(1)
-
-
-@contextlib.contextmanager
-def _exclusive(out_dir: Path):
-    """Hold ``OUT/.lock`` for the run: a second run into the same folder stops at once, saying so."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock, as before
-        yield
-        return
-    path = out_dir / ".lock"
-    with open(path, "a+") as f:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            owner = f.read().strip() or "another process"
-            raise InvalidInputError(
-                f"{out_dir} is being written by another `gazemonai pseudo-masks` ({owner}); "
-                "wait for it to finish or give another --out"
-            ) from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()}")
-        f.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            os.kill(parent, 0)
+        except ProcessLookupError:
+            os._exit(1)
+        except PermissionError:  # the pid was reused by another user's process: the run is gone
+            os._exit(1)
 
 
 def _load_records(path: Path) -> dict[str, dict]:
@@ -252,7 +244,7 @@ def run_pseudo_masks(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     n_levels = len(config.thresholds)
-    with _exclusive(out_dir):
+    with exclusive_folder(out_dir, "`gazemonai pseudo-masks`", "--out"):
         skipped: dict[str, list[str]] = {"missing": [], "no_gaze": [], "resumed": []}
         records_path = out_dir / "records.jsonl"
         previous = _load_records(records_path)
@@ -273,18 +265,19 @@ def run_pseudo_masks(
                 logger.debug("%s", e)
                 skipped["missing"].append(stem)
                 continue
-            if _complete(
-                previous.get(stem), out_dir, _output_files(out_dir, stem, n_levels, save_maps), digest
-            ):
-                skipped["resumed"].append(stem)
-                continue
             mask_path = None
             if mask_folder is not None:
                 try:
                     mask_path = str(resolve_in_folder(mask_folder, fx.image))
                 except FileNotFoundError:
                     mask_path = None
-            jobs.append(PseudoMaskJob(str(image_path), mask_path, fx, str(out_dir), config, save_maps))
+            job = PseudoMaskJob(str(image_path), mask_path, fx, str(out_dir), config, save_maps)
+            if _complete(
+                previous.get(stem), out_dir, _output_files(out_dir, stem, n_levels, save_maps), digest, job
+            ):
+                skipped["resumed"].append(stem)
+                continue
+            jobs.append(job)
 
         workers = max(1, int(workers or os.cpu_count() or 1))
         new_records: list[dict] = []

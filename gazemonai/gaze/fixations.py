@@ -128,6 +128,17 @@ def _decode_error(path: Path, error: UnicodeDecodeError) -> str:
     return f"{path}, line {line}: not UTF-8 text (byte {byte} at offset {offset}); save the CSV as UTF-8"
 
 
+def _rows(reader: csv.DictReader):
+    """The reader's rows; a CSV error names the line where the broken record starts."""
+    while True:
+        try:
+            yield next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise csv.Error(f"line {reader.line_num + 1}: {e}") from e  # the record that starts there
+
+
 def _read_rows(path: Path, per_image: dict) -> int:
     """Validate every row of ``path`` into ``per_image``; returns the number of rows."""
     with open(path, newline="", encoding="utf-8-sig") as f:
@@ -142,7 +153,7 @@ def _read_rows(path: Path, per_image: dict) -> int:
             )
         reader.fieldnames = header
         n_rows = 0
-        for row in reader:
+        for row in _rows(reader):
             n_rows += 1
             line = reader.line_num
             where = f"{path}, line {line}"
@@ -222,6 +233,8 @@ def read_fixation_csv(
         n_rows = _read_rows(path, per_image)
     except UnicodeDecodeError as e:
         raise FixationFormatError(_decode_error(path, e)) from e
+    except csv.Error as e:  # e.g. an unclosed quote swallowing the rest of the file into one field
+        raise FixationFormatError(f"{path}, {e}; an unclosed quote?") from e
     if n_rows == 0:
         raise FixationFormatError(f"{path}: the file has a header but no fixation rows")
 

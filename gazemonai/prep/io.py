@@ -7,6 +7,7 @@ folder, so a crafted CSV can never make the tools read or write outside the data
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import FixationFormatError, ImageReadError, MissingInputError
+from ..errors import FixationFormatError, ImageReadError, InvalidInputError, MissingInputError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -26,6 +27,7 @@ __all__ = [
     "write_png",
     "read_map_png",
     "read_ids",
+    "exclusive_folder",
 ]
 
 #: Extensions tried, in this order, when a name's own file is absent (``x.jpg`` may be stored as ``x.png``).
@@ -160,8 +162,56 @@ def read_ids(path: str | os.PathLike) -> list[str]:
 
     Raises:
         MissingInputError: the file does not exist.
+        InvalidInputError: it is not UTF-8 text (the line is named).
     """
     if not Path(path).is_file():
         raise MissingInputError(f"split file not found: {path}")
-    with open(path) as f:
-        return [line.strip() for line in f if line.strip()]
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise InvalidInputError(f"{path}, line {line}: not UTF-8 text (byte 0x{data[e.start]:02x})") from e
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+@contextlib.contextmanager
+def exclusive_folder(folder: str | os.PathLike, who: str, option: str):
+    """Hold ``FOLDER/.lock`` while writing into ``folder``: a second writer stops at once, saying so.
+
+    Two runs writing one folder would interleave their files and records. The lock is an advisory
+    ``flock`` (released by the kernel if the process dies, even by ``kill -9``); where there is no
+    ``fcntl`` (Windows) nothing is locked.
+
+    Args:
+        folder: the output folder (it must exist).
+        who: what writes, for the message (e.g. "`gazemonai pseudo-masks`").
+        option: the setting that chose the folder, for the message (e.g. "--out").
+
+    Raises:
+        InvalidInputError: another process holds the folder; the message names it.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path = Path(folder) / ".lock"
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            owner = f.read().strip() or "another process"
+            raise InvalidInputError(
+                f"{folder} is being written by another {who} ({owner}); "
+                f"wait for it to finish or give another {option}"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InvalidInputError, MissingInputError
-from .io import write_png
+from .io import exclusive_folder, write_png
 
 __all__ = [
     "VolumeCase",
@@ -361,6 +361,8 @@ def prepare_slices(
         InvalidInputError: the problem and the file, as above.
     """
     out = Path(out)
+    if not 0.0 <= test_fraction < 1.0:
+        raise InvalidInputError(f"test_fraction must be in [0, 1), got {test_fraction}")
     if test_patients is not None:
         known = sorted(c.patient for c in cases)
         unknown = sorted(set(test_patients) - set(known))
@@ -369,6 +371,12 @@ def prepare_slices(
     # every volume is read in full and checked before a single slice is written
     for case in cases:
         _gland_slices(case)
+    out.mkdir(parents=True, exist_ok=True)
+    with exclusive_folder(out, "`gazemonai prepare-slices`", "--out"):
+        return _write_slices(cases, out, test_fraction, seed, test_patients)
+
+
+def _write_slices(cases, out: Path, test_fraction, seed, test_patients) -> dict:
     patients, slices = {}, {}
     for case in cases:
         image, gland, keep = _gland_slices(case)
@@ -390,12 +398,7 @@ def prepare_slices(
         }
         logger.info("%s: %d of %d slices contain gland", case.patient, len(names), image.shape[0])
     if test_patients is not None:
-        test = sorted(set(test_patients))
-        unknown = sorted(set(test) - set(slices))
-        if unknown:
-            raise InvalidInputError(
-                f"test patients {unknown} are not among the cases ({', '.join(sorted(slices))})"
-            )
+        test = sorted(set(test_patients))  # checked against the cases before anything was written
         train = [p for p in sorted(slices) if p not in test]
     else:
         train, test = patient_split(slices, test_fraction, seed)

@@ -20,6 +20,7 @@ single-process run can resume a multi-process one and the other way round.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -34,9 +35,10 @@ import torch
 from ignite.engine import Engine, Events
 from torch.optim.lr_scheduler import CosineAnnealingLR
 
-from ..errors import CheckpointReadError, InvalidInputError
+from ..errors import CheckpointMismatchError, CheckpointReadError, InvalidInputError
+from ..prep.io import exclusive_folder
 
-__all__ = ["LatestCheckpoint", "BestCheckpoint", "RandomStates", "load_weights", "unwrap"]
+__all__ = ["LatestCheckpoint", "BestCheckpoint", "LoadWeights", "RandomStates", "load_weights", "unwrap"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +67,47 @@ def load_weights(path: str | os.PathLike, map_location="cpu"):
         if "PytorchStreamReader" not in str(e):  # e.g. out of memory: not the file's fault
             raise
         raise CheckpointReadError(f"cannot read checkpoint {path} as weights: {e}") from e
+
+
+def _load_into(module, state, path) -> None:
+    """``module.load_state_dict(state)``, a mismatch named with the file it came from."""
+    try:
+        unwrap(module).load_state_dict(state)
+    except RuntimeError as e:  # missing/unexpected keys, other shapes: other widths, levels, channels
+        first = str(e).strip().splitlines()
+        raise CheckpointMismatchError(
+            f"checkpoint {path} does not fit the network the configs build ({first[0] if first else e}); "
+            "give the settings it was trained with (features, num_levels, in_channels)"
+        ) from e
+
+
+class LoadWeights:
+    """Load a network's weights from a checkpoint when the engine starts, read with ``weights_only=True``.
+
+    What ``evaluate.json`` and ``inference.json`` use instead of MONAI's ``CheckpointLoader``: a file
+    that is not plain weights is refused with ``cannot read checkpoint … as weights``, and weights of
+    another network with ``does not fit``, both naming the file.
+
+    Args:
+        load_path: the checkpoint (``models/model.pt``).
+        network: the network to load into (a DDP wrapper is unwrapped).
+        key: the entry of a ``{"model": state_dict}`` checkpoint; a bare state dict is used as it is.
+    """
+
+    def __init__(self, load_path: str, network, key: str = "model") -> None:
+        self.load_path = Path(load_path)
+        self.network = network
+        self.key = key
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._load)
+
+    def _load(self, engine: Engine) -> None:
+        state = load_weights(self.load_path)
+        if isinstance(state, Mapping) and self.key in state and isinstance(state[self.key], Mapping):
+            state = state[self.key]
+        _load_into(self.network, state, self.load_path)
+        logger.info("loaded %s", self.load_path)
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -141,7 +184,7 @@ class RandomStates:
             "transforms": [_numpy_state(r) for r in _random_generators(self.transforms)],
         }
         if torch.cuda.is_available() and torch.cuda.is_initialized():
-            state["cuda"] = torch.cuda.get_rng_state_all()
+            state["cuda"] = torch.cuda.get_rng_state()  # this process's device (one per rank)
         return state
 
     def load_state_dict(self, state: Mapping) -> None:
@@ -158,7 +201,7 @@ class RandomStates:
         for r, s in zip(generators, state["transforms"]):
             r.set_state(_numpy_tuple(s))
         if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
+            torch.cuda.set_rng_state(state["cuda"])
 
 
 class BestCheckpoint:
@@ -246,11 +289,34 @@ class LatestCheckpoint:
         # the planned length of each cosine schedule, as configured for this run (before any loading)
         self._planned = {k: o.T_max for k, o in self.save_dict.items() if isinstance(o, CosineAnnealingLR)}
         self._offset = dict.fromkeys(self._planned, 0)
+        self._held: contextlib.ExitStack | None = None
 
     def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._lock)
         if self.resume:
             engine.add_event_handler(Events.STARTED, self._load)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._save)
+        engine.add_event_handler(Events.COMPLETED, self._unlock)
+        engine.add_event_handler(Events.TERMINATE, self._unlock)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self._failed)
+
+    def _lock(self, engine: Engine) -> None:
+        """One training per folder: rank 0 holds ``<folder>/.lock`` until the run ends (or dies)."""
+        if idist.get_rank() != 0 or self._held is not None:
+            return
+        self.save_path.parent.mkdir(parents=True, exist_ok=True)
+        held = contextlib.ExitStack()
+        held.enter_context(exclusive_folder(self.save_path.parent, "training", "--bundle_root"))
+        self._held = held
+
+    def _unlock(self, engine: Engine) -> None:
+        if self._held is not None:
+            self._held.close()
+            self._held = None
+
+    def _failed(self, engine: Engine, error: BaseException) -> None:
+        self._unlock(engine)
+        raise error  # ignite hands an exception to its EXCEPTION_RAISED handlers instead of raising it
 
     def _load(self, engine: Engine) -> None:
         if not self.save_path.is_file():
@@ -262,6 +328,8 @@ class LatestCheckpoint:
                 continue
             if isinstance(obj, RandomStates):
                 random_states = (obj, ckpt[key])  # last: nothing below may draw from a stream after it
+            elif isinstance(obj, torch.nn.Module):
+                _load_into(obj, ckpt[key], self.save_path)
             else:
                 unwrap(obj).load_state_dict(ckpt[key])
         for key, sched in self.save_dict.items():
@@ -294,14 +362,16 @@ class LatestCheckpoint:
         offset = int(saved.get("offset", 0))
         done = offset + sched.last_epoch
         planned = self._planned[key]
-        if int(saved.get("planned", planned)) != planned and planned > done:
+        # a latest.pt of gazemonai 0.1 has no plan: its schedule's own length was the plan
+        was = int(saved.get("planned", offset + sched.T_max))
+        if was != planned and planned > done:
             lr = [g["lr"] for g in sched.optimizer.param_groups]
             logger.info(
                 "%s: the run is now %d steps long (was %d): the learning rate goes on from %s to %s over "
                 "the remaining %d steps",
                 key,
                 planned,
-                int(saved["planned"]),
+                was,
                 lr,
                 sched.eta_min,
                 planned - done,

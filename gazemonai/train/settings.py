@@ -3,7 +3,7 @@
 ``train.json`` (and ``inference.json``) run :func:`exit_on_bad_settings` first in ``initialize``,
 so a bad ``--image_size``, ``--thresholds`` or ``--dataset_dir`` stops the run at once, before the
 datalist is read or a single pseudo-mask is cached, with one line such as
-``error: image_size must be 2 (or 3) integers >= 1, got [0, 64]`` and exit status 2, as the
+``error: image_size must be 2 integers >= 1 (height, width), got [0, 64]`` and exit status 2, as the
 ``gazemonai`` command does, instead of a traceback from deep inside MONAI (which wraps every error
 of a config component in its own). :func:`check_settings` is the same check, raising.
 ``None`` means "not given here" and is not checked.
@@ -94,7 +94,7 @@ def check_settings(
     """Check a bundle's settings; raise on the first bad one, naming it.
 
     Args:
-        image_size: the network's input size, 2 (or 3) positive integers.
+        image_size: the network's input size, 2 positive integers (height, width).
         batch_size, epochs, iterations, val_interval, in_channels, num_levels: integers >= 1.
         num_workers, cache_workers, seed: integers >= 0.
         learning_rate: > 0. weight_decay, consistency_weight: >= 0.
@@ -112,9 +112,9 @@ def check_settings(
         MissingInputError: ``dataset_dir`` or ``gaze_csv`` does not exist.
     """
     if image_size is not None:
-        ok = _is_list(image_size) and len(image_size) in (2, 3)
+        ok = _is_list(image_size) and len(image_size) == 2  # the bundles are 2-D
         if not ok or not all(_is_int(v) and v >= 1 for v in image_size):
-            raise InvalidInputError(f"image_size must be 2 (or 3) integers >= 1, got {image_size!r}")
+            raise InvalidInputError(f"image_size must be 2 integers >= 1 (height, width), got {image_size!r}")
     for name, value in (
         ("batch_size", batch_size),
         ("epochs", epochs),

@@ -123,6 +123,12 @@ class _Journal:
         self.records = []
         self.path.unlink(missing_ok=True)
 
+    def rewrite(self) -> None:
+        """Write the records back (after marking them), atomically."""
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        os.replace(tmp, self.path)
+
 
 class MLflowTracking(MLFlowHandler):
     """MONAI's ``MLFlowHandler`` that keeps training when the tracking server is down, and repeats no step.
@@ -133,6 +139,9 @@ class MLflowTracking(MLFlowHandler):
         fallback_uri: where the journal goes when training ends with the server still unreachable;
             default the SQLite store ``mlruns.db`` next to the journal.
         retry_seconds: while unreachable, try again at most this often (at epoch ends and at the end).
+        fresh_run: for the trainer's handler: a training that starts from its first iteration (not a
+            resume) marks an unfinished run of the same name as killed and logs into a new one,
+            instead of continuing that run's history.
         other args: those of ``monai.handlers.MLFlowHandler``.
     """
 
@@ -142,6 +151,7 @@ class MLflowTracking(MLFlowHandler):
         pending_path: str | os.PathLike = "mlflow_pending.jsonl",
         fallback_uri: str | None = None,
         retry_seconds: float = 60.0,
+        fresh_run: bool = False,
         **kwargs,
     ) -> None:
         fail_fast_http()
@@ -151,6 +161,7 @@ class MLflowTracking(MLFlowHandler):
             str(self.pending_path.resolve().parent / "mlruns.db")
         )
         self.retry_seconds = float(retry_seconds)
+        self.fresh_run = bool(fresh_run)
         self._journal: _Journal | None = None
         self._known: dict[str, set[int]] = {}  # steps the run holds, per metric (asked lazily)
         self._ask_history = False
@@ -178,6 +189,12 @@ class MLflowTracking(MLFlowHandler):
             self._queue_start_params(engine)
             return
         try:
+            if self.fresh_run and self.cur_run is None and engine.state.iteration == 0:
+                self._kill_unfinished_runs()
+            elif self.cur_run is None and self.run_name is not None:
+                self.cur_run = self.client.get_run(
+                    self._run_id(self.client, self.experiment_name, self.run_name)
+                )
             super().start(engine)
         except Exception as e:
             if not is_outage(e):
@@ -187,6 +204,25 @@ class MLflowTracking(MLFlowHandler):
             return
         self._ask_history = bool(self.cur_run.data.metrics)  # a resumed run: it may hold steps already
         self._went_online()
+
+    def _kill_unfinished_runs(self) -> None:
+        """A training started from scratch: an unfinished run of its name was a killed attempt.
+
+        It is marked KILLED and this training gets a run of its own (MONAI would pick any run that is
+        not FINISHED up again, the killed one included).
+        """
+        if self.run_name is None:
+            return
+        self._set_experiment()
+        for run in self.client.search_runs([self.experiment.experiment_id]):
+            if run.info.run_name == self.run_name and run.info.status == "RUNNING":
+                self.client.set_terminated(run.info.run_id, "KILLED")
+                logger.info(
+                    "MLflow run %s (%s) was left unfinished: marked KILLED", run.info.run_id, self.run_name
+                )
+        self.cur_run = self.client.create_run(
+            experiment_id=self.experiment.experiment_id, run_name=self.run_name
+        )
 
     def retry(self, engine=None) -> None:
         """While the server is unreachable, send the journal again (at most every ``retry_seconds``)."""
@@ -276,7 +312,10 @@ class MLflowTracking(MLFlowHandler):
             self.journal.add([record])
 
     def _run_id(self, client, experiment_name: str, run_name: str | None) -> str:
-        """The unfinished run of that name in that experiment (as MONAI picks it), or a new one."""
+        """The newest unfinished (RUNNING) run of that name in that experiment, or a new one.
+
+        MONAI's handler takes the oldest run that is not FINISHED, a KILLED or FAILED one included.
+        """
         experiment = client.get_experiment_by_name(experiment_name)
         if experiment is None:
             experiment = client.get_experiment(
@@ -286,19 +325,17 @@ class MLflowTracking(MLFlowHandler):
         runs = [
             r
             for r in client.search_runs([experiment.experiment_id])
-            if r.info.run_name == name and r.info.status != self.run_finish_status
+            if r.info.run_name == name and r.info.status == "RUNNING"
         ]
-        return (
-            runs[-1].info.run_id
-            if runs
-            else client.create_run(experiment.experiment_id, run_name=name).info.run_id
-        )
+        if runs:
+            return max(runs, key=lambda r: r.info.start_time).info.run_id
+        return client.create_run(experiment.experiment_id, run_name=name).info.run_id
 
-    def _replay(self, client) -> list[str]:
-        """Send the journal in order, each record to its run; returns the runs written to."""
+    def _replay(self, client, records=None) -> list[str]:
+        """Send ``records`` (default: the journal) in order, each to its run; returns the runs written to."""
         runs: dict[tuple, str] = {}
         history: dict[tuple, set[int]] = {}
-        for record in self.journal.records:
+        for record in self.journal.records if records is None else records:
             target = (record["experiment"], record["run"])
             if target not in runs:
                 runs[target] = self._run_id(client, *target)
@@ -342,13 +379,14 @@ class MLflowTracking(MLFlowHandler):
             return
         import mlflow
 
-        n, uri = len(self.journal.records), self._uri()
+        n, uri = len([r for r in self.journal.records if not r.get("local")]), self._uri()
         if self.fallback_uri == uri:
             logger.warning("MLflow store %s unreachable: %d records kept in %s", uri, n, self.journal.path)
             return
+        fresh = [r for r in self.journal.records if not r.get("local")]  # earlier runs' are there already
         try:
             local = mlflow.MlflowClient(tracking_uri=self.fallback_uri)
-            for run_id in self._replay(local):
+            for run_id in self._replay(local, fresh):
                 local.set_terminated(run_id, self.run_finish_status)
         except Exception as e:  # the last resort failed too: the journal keeps everything
             logger.warning(
@@ -359,6 +397,9 @@ class MLflowTracking(MLFlowHandler):
                 self.journal.path,
             )
             return
+        for record in fresh:
+            record["local"] = True  # kept for the server, not to be written locally again
+        self.journal.rewrite()
         logger.warning(
             "MLflow at %s stayed unreachable: the run's %d records are in the local store %s "
             "(mlflow ui --backend-store-uri %s) and in %s, which the next run of this bundle sends to %s",
@@ -378,9 +419,9 @@ class MLflowTracking(MLFlowHandler):
 
     def _went_offline(self, error: BaseException) -> None:
         journal = self.journal
+        journal.last_try = time.monotonic()  # the next try waits retry_seconds, whoever made this one
         if journal.offline_since is None:
             journal.offline_since = time.time()
-            journal.last_try = time.monotonic()
         if not journal.warned:
             journal.warned = True
             logger.warning(

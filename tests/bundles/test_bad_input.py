@@ -16,10 +16,19 @@ BAD_SETTINGS = {
     "image size with a 0": (
         "train",
         {"image_size": [0, 64]},
-        "image_size must be 2 (or 3) integers >= 1, got [0, 64]",
+        "image_size must be 2 integers >= 1 (height, width), got [0, 64]",
     ),
-    "image size of one number": ("train", {"image_size": [64]}, "image_size must be 2 (or 3) integers"),
-    "image size not numbers": ("train", {"image_size": "big"}, "image_size must be 2 (or 3) integers"),
+    "a 3-D image size": ("train", {"image_size": [32, 48, 999]}, "image_size must be 2 integers"),
+    "image size of one number": (
+        "train",
+        {"image_size": [64]},
+        "image_size must be 2 integers >= 1 (height, width)",
+    ),
+    "image size not numbers": (
+        "train",
+        {"image_size": "big"},
+        "image_size must be 2 integers >= 1 (height, width)",
+    ),
     "threshold above 1": (
         "train",
         {"thresholds": [0.5, 1.5]},
@@ -54,8 +63,16 @@ BAD_SETTINGS = {
     ),
     "gaze CSV missing": ("train", {"gaze_csv": "/no/gaze.csv"}, "gaze_csv '/no/gaze.csv' does not exist"),
     "paper profile with 0 iterations": ("paper", {"iterations": 0}, "iterations must be an integer >= 1"),
-    "evaluation image size": ("evaluate", {"image_size": [-1, 64]}, "image_size must be 2 (or 3) integers"),
-    "inference image size": ("inference", {"image_size": [0, 1]}, "image_size must be 2 (or 3) integers"),
+    "evaluation image size": (
+        "evaluate",
+        {"image_size": [-1, 64]},
+        "image_size must be 2 integers >= 1 (height, width)",
+    ),
+    "inference image size": (
+        "inference",
+        {"image_size": [0, 1]},
+        "image_size must be 2 integers >= 1 (height, width)",
+    ),
     "inference folder missing": (
         "inference",
         {"dataset_dir": "/no/images"},
@@ -123,7 +140,8 @@ def test_the_exit_status_and_the_one_line_as_a_user_sees_them(finished_run, synt
                "--gaze_csv", synthetic_root / "gaze.csv", "--image_size", "[0,64]", ok=False)  # fmt: skip
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert (
-        p.stderr.strip().splitlines()[-1] == "error: image_size must be 2 (or 3) integers >= 1, got [0, 64]"
+        p.stderr.strip().splitlines()[-1]
+        == "error: image_size must be 2 integers >= 1 (height, width), got [0, 64]"
     )
     assert _snapshot(root) == before
 

@@ -63,24 +63,24 @@ def test_killed_mid_epoch_and_resumed_equals_never_interrupted(synthetic_root, t
     assert all(n == 1 for h in resumed.values() for n in Counter(step for step, _ in h).values())
 
 
+def _crafted(path, marker):
+    """A checkpoint whose unpickling would run code (it creates ``marker``), made in another process."""
+    script = (
+        "import torch\n"
+        "class P:\n"
+        "    def __reduce__(self):\n"
+        f"        return (open, ({str(marker)!r}, 'w'))\n"
+        f"torch.save({{'model': P(), 'x': P()}}, {str(path)!r})\n"
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-c", script], check=True)
+
+
 def test_a_crafted_latest_checkpoint_is_refused_before_it_runs(synthetic_root, tmp_path):
     marker = tmp_path / "code_ran"
-    script = (
-        f"import torch\nclass P:\n    def __reduce__(self):\n        return (open, ({str(marker)!r}, 'w'))\n"
-    )
-    script += f"torch.save({{'model': {{}}, 'x': P()}}, {str(tmp_path / 'run' / 'models' / 'latest.pt')!r})\n"
-    (tmp_path / "run" / "models").mkdir(parents=True)
-    subprocess.run([sys.executable, "-c", script], check=True)
-    p = bundle(
-        "--config_file",
-        TRAIN,
-        *_common(tmp_path / "run", synthetic_root),
-        "--epochs",
-        1,
-        "--num_workers",
-        0,
-        ok=False,
-    )
+    _crafted(tmp_path / "run" / "models" / "latest.pt", marker)
+    common = [*_common(tmp_path / "run", synthetic_root), "--epochs", 1, "--num_workers", 0]
+    p = bundle("--config_file", TRAIN, *common, ok=False)
     log = p.stdout + p.stderr
     assert p.returncode != 0 and "cannot read checkpoint" in log and "latest.pt as weights" in log
     assert not marker.exists()
@@ -113,3 +113,40 @@ def test_torchrun_resumes_on_every_rank_and_a_single_process_resumes_it(syntheti
     log = p.stdout + p.stderr
     assert "resumed from" in log and "at epoch 2" in log and "random streams restart" in log
     assert torch.load(root / "models" / "latest.pt", weights_only=True)["trainer"]["epoch"] == 3
+
+
+@pytest.mark.parametrize("config", ["evaluate", "inference"])
+def test_a_crafted_or_foreign_model_is_refused_by_evaluation_and_inference(synthetic_root, tmp_path, config):
+    marker = tmp_path / "code_ran"
+    _crafted(tmp_path / "run" / "models" / "model.pt", marker)
+    files = (
+        f"['{TRAIN}','{CONFIGS / 'evaluate.json'}']"
+        if config == "evaluate"
+        else str(CONFIGS / "inference.json")
+    )
+    args = ["--bundle_root", tmp_path / "run", "--image_size", "[32,32]"]
+    data = (
+        ["--dataset_dir", synthetic_root]
+        if config == "evaluate"
+        else ["--dataset_dir", synthetic_root / "images"]
+    )
+    p = bundle("--config_file", files, *args, *data, "--output_dir", tmp_path / "out", ok=False)
+    log = p.stdout + p.stderr
+    assert p.returncode != 0 and "cannot read checkpoint" in log and "model.pt as weights" in log, log[-2000:]
+    assert not marker.exists()
+    torch.save({"model": torch.nn.Linear(2, 1).state_dict()}, tmp_path / "run" / "models" / "model.pt")
+    p = bundle("--config_file", files, *args, *data, "--output_dir", tmp_path / "out", ok=False)
+    log = p.stdout + p.stderr
+    assert p.returncode != 0 and "model.pt does not fit the network the configs build" in log, log[-2000:]
+
+
+def test_a_second_training_into_the_same_bundle_root_is_refused(synthetic_root, tmp_path):
+    from gazemonai.prep.io import exclusive_folder
+
+    (tmp_path / "run" / "models").mkdir(parents=True)
+    with exclusive_folder(tmp_path / "run" / "models", "training", "--bundle_root"):  # as a running training
+        p = bundle("--config_file", TRAIN, *_common(tmp_path / "run", synthetic_root), "--epochs", 1,
+                   "--num_workers", 0, ok=False)  # fmt: skip
+    log = p.stdout + p.stderr
+    assert p.returncode != 0 and "models is being written by another training" in log, log[-2000:]
+    assert not (tmp_path / "run" / "models" / "latest.pt").exists()

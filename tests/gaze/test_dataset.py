@@ -52,3 +52,31 @@ def test_pool_workers_end_when_their_parent_is_killed():
                 os.kill(w, signal.SIGKILL)
             except OSError:
                 pass
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_workers_started_another_way_live_while_the_run_does_and_end_with_it(method):
+    """With a forkserver or spawn, a worker's parent is not the run: it must still run, then end."""
+    script = POOL.replace(
+        "ProcessPoolExecutor(2,",
+        f"ProcessPoolExecutor(2, mp_context=__import__('multiprocessing').get_context({method!r}),",
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    workers = []
+    try:
+        workers = [int(p) for p in parent.stdout.readline().split()]
+        time.sleep(2.5)  # longer than the watch's period: the workers must not have left
+        assert len(workers) == 2 and all(_alive(w) for w in workers)
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        deadline = time.time() + 10
+        while any(_alive(w) for w in workers) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(w) for w in workers)
+    finally:
+        for w in workers:
+            try:
+                os.kill(w, signal.SIGKILL)
+            except OSError:
+                pass

@@ -6,7 +6,7 @@ from gazemonai.errors import InvalidInputError, MissingInputError
 from gazemonai.train.settings import check_settings, exit_on_bad_settings
 
 BAD = {
-    "image_size": ([0, 64], [64], "64", [64.5, 64], [64, 64, 64, 64]),
+    "image_size": ([0, 64], [64], "64", [64.5, 64], [64, 64, 64], [64, 64, 64, 64]),
     "batch_size": (0, -1, 2.5, "8"),
     "epochs": (0, True),
     "iterations": (0,),
@@ -65,4 +65,6 @@ def test_bundle_configs_get_one_line_and_exit_status_2(capsys):
     with pytest.raises(SystemExit) as exit_info:
         exit_on_bad_settings(image_size=[0, 64])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err == "error: image_size must be 2 (or 3) integers >= 1, got [0, 64]\n"
+    assert (
+        capsys.readouterr().err == "error: image_size must be 2 integers >= 1 (height, width), got [0, 64]\n"
+    )

@@ -1,5 +1,6 @@
 """MLflow tracking against a real server on loopback: outages, restarts and resumed runs."""
 
+import json
 import logging
 import subprocess
 import sys
@@ -134,3 +135,42 @@ def test_only_unreachable_stores_count_as_outages():
     assert not is_outage(ValueError("a bug"))
     with pytest.raises(ValueError, match="file store"):  # a wrong URI is still an error, at once
         MLflowTracking(tracking_uri="file:///tmp/x")
+
+
+def test_each_offline_run_writes_only_its_own_records_to_the_local_store(tmp_path):
+    """The journal stays for the server; a second offline run does not copy the first's records again."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    _trainer(dead, tmp_path / "journal.jsonl", epochs=1, iterations=3)
+    _trainer(dead, tmp_path / "journal.jsonl", epochs=1, iterations=2)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}")
+    exp = client.get_experiment_by_name("e")
+    runs = sorted(client.search_runs([exp.experiment_id]), key=lambda r: r.info.start_time)
+    steps = [sorted(m.step for m in client.get_metric_history(r.info.run_id, "loss")) for r in runs]
+    assert steps == [[1, 2, 3], [1, 2]]
+    journal = [json.loads(line) for line in (tmp_path / "journal.jsonl").read_text().splitlines()]
+    assert all(r.get("local") for r in journal) and sum(r["op"] == "metrics" for r in journal) == 5
+
+
+def test_a_training_started_from_scratch_gets_a_new_run(tmp_path):
+    """``fresh_run``: a killed attempt's unfinished run is marked KILLED, not continued from step 1 again."""
+    port = free_port()
+    server = _server(tmp_path / "server.db", port)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        _trainer(uri, tmp_path / "j.jsonl", epochs=1, close=False)  # killed: left RUNNING
+        engine = Engine(lambda e, b: {"loss": 10.0 + e.state.iteration})
+        MLflowTracking(tracking_uri=uri, experiment_name="e", run_name="r", pending_path=tmp_path / "j.jsonl",
+                       output_transform=lambda out: out["loss"], tag_name="loss", fresh_run=True,
+                       close_on_complete=True).attach(engine)  # fmt: skip
+        engine.run([0, 0], max_epochs=1)
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+        runs = client.search_runs([client.get_experiment_by_name("e").experiment_id])
+        assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED"]
+        new = [r for r in runs if r.info.status == "FINISHED"][0]
+        assert [m.value for m in client.get_metric_history(new.info.run_id, "loss")] == [11.0, 12.0]
+    finally:
+        _stop(server)
