@@ -531,38 +531,16 @@ def test_resume_redoes_images_whose_fixations_or_image_changed(dataset, tmp_path
     tables[0].xy = tables[0].xy[::-1].copy()  # synth_000's fixations in another order... and place
     tables[0].xy[:, 0] = 1.0 - tables[0].xy[:, 0]
     write_fixation_csv(other, tables)
-    summary = last_json(
-        run(
-            "pseudo-masks",
-            "--data-root",
-            dataset,
-            "--gaze-csv",
-            other,
-            "--out",
-            out,
-            "--quiet",
-            "--workers",
-            1,
-        )
-    )
+
+    def again():
+        args = ["--data-root", dataset, "--gaze-csv", other, "--out", out, "--quiet", "--workers", 1]
+        return last_json(run("pseudo-masks", *args))
+
+    summary = again()
     assert summary["done"] == 1 and summary["resumed"] == 5
-    Image.fromarray(np.full((96, 128, 3), 90, np.uint8)).save(
-        dataset / "images" / "synth_004.png"
-    )  # a new image
-    summary = last_json(
-        run(
-            "pseudo-masks",
-            "--data-root",
-            dataset,
-            "--gaze-csv",
-            other,
-            "--out",
-            out,
-            "--quiet",
-            "--workers",
-            1,
-        )
-    )
+    new_image = np.full((96, 128, 3), 90, np.uint8)  # synth_004 replaced by another picture
+    Image.fromarray(new_image).save(dataset / "images" / "synth_004.png")
+    summary = again()
     assert summary["done"] == 1 and summary["resumed"] == 5
 
 

@@ -26,6 +26,23 @@ with ProcessPoolExecutor(2, initializer=_init_worker, initargs=(os.getpid(),)) a
 """
 
 
+def _kill_and_wait(parent: subprocess.Popen, workers: list[int]) -> None:
+    """``kill -9`` the run, then give its workers 10 s to go."""
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 10
+    while any(_alive(w) for w in workers) and time.time() < deadline:
+        time.sleep(0.1)
+
+
+def _reap(workers: list[int]) -> None:
+    for w in workers:
+        try:
+            os.kill(w, signal.SIGKILL)
+        except OSError:
+            pass
+
+
 def _alive(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
@@ -37,21 +54,14 @@ def _alive(pid: int) -> bool:
 def test_pool_workers_end_when_their_parent_is_killed():
     """A worker busy with an image must not outlive a ``kill -9`` of the run that started it."""
     parent = subprocess.Popen([sys.executable, "-c", POOL], stdout=subprocess.PIPE, text=True)
+    workers = []
     try:
         workers = [int(p) for p in parent.stdout.readline().split()]
         assert len(workers) == 2 and all(_alive(w) for w in workers)
-        os.kill(parent.pid, signal.SIGKILL)
-        parent.wait()
-        deadline = time.time() + 10
-        while any(_alive(w) for w in workers) and time.time() < deadline:
-            time.sleep(0.1)
+        _kill_and_wait(parent, workers)
         assert not any(_alive(w) for w in workers)
     finally:
-        for w in workers if "workers" in locals() else []:
-            try:
-                os.kill(w, signal.SIGKILL)
-            except OSError:
-                pass
+        _reap(workers)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -68,15 +78,7 @@ def test_workers_started_another_way_live_while_the_run_does_and_end_with_it(met
         workers = [int(p) for p in parent.stdout.readline().split()]
         time.sleep(2.5)  # longer than the watch's period: the workers must not have left
         assert len(workers) == 2 and all(_alive(w) for w in workers)
-        os.kill(parent.pid, signal.SIGKILL)
-        parent.wait()
-        deadline = time.time() + 10
-        while any(_alive(w) for w in workers) and time.time() < deadline:
-            time.sleep(0.1)
+        _kill_and_wait(parent, workers)
         assert not any(_alive(w) for w in workers)
     finally:
-        for w in workers:
-            try:
-                os.kill(w, signal.SIGKILL)
-            except OSError:
-                pass
+        _reap(workers)
