@@ -35,6 +35,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def torchrun(nproc: int = 2) -> list[str]:
+    """``torchrun`` with ``nproc`` processes on a free rendezvous port (runs in parallel never collide)."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+    ]  # fmt: skip
+
+
 def wait_http(url: str, proc: subprocess.Popen, seconds: float = 120) -> None:
     """Wait until ``url`` answers, failing early when the server process ``proc`` exits."""
     deadline = time.time() + seconds

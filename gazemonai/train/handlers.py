@@ -143,14 +143,15 @@ class SegmentationReport:
             self.rows.append((b.get(self.id_key, str(len(self.rows))), names, dice, iou))
 
     def _write(self, engine: Engine) -> None:
-        if not self.rows:
-            return
         rows = []
         for image_id, names, dice, iou in self.rows:
             row = {"id": image_id}
             for name, d, j in zip(names, dice.tolist(), iou.tolist()):
                 row[name] = {"dice": d, "iou": j}
             rows.append(row)
+        rows = _gather_in_sampler_order(rows)
+        if rows is None or not rows:
+            return
         names = [k for k in rows[0] if k != "id"]
         summary = {n: {m: float(np.mean([r[n][m] for r in rows])) for m in ("dice", "iou")} for n in names}
         report = {
@@ -162,6 +163,26 @@ class SegmentationReport:
         Path(self.output_path).parent.mkdir(parents=True, exist_ok=True)
         Path(self.output_path).write_text(json.dumps(report, indent=2))
         logger.info("metrics of %d images written to %s: %s", len(rows), self.output_path, summary)
+
+
+def _gather_in_sampler_order(rows: list) -> list | None:
+    """All ranks' rows on rank 0 in dataset order (``None`` on the other ranks).
+
+    Evaluation uses an unshuffled ``DistributedSampler``, which gives rank ``r`` the images
+    ``r, r + W, r + 2W, ...`` of ``W`` ranks: interleaving the ranks' lists restores the dataset order.
+    Outside a distributed run the rows are returned as they are.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return rows
+    world = torch.distributed.get_world_size()
+    if world == 1:
+        return rows
+    gathered: list = [None] * world
+    torch.distributed.all_gather_object(gathered, rows)
+    if torch.distributed.get_rank() != 0:
+        return None
+    longest = max(len(g) for g in gathered)
+    return [g[i] for i in range(longest) for g in gathered if i < len(g)]
 
 
 class LossTerms:

@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 import torch
-from helpers import ROOT, bundle, mlflow_runs
+from helpers import ROOT, bundle, mlflow_runs, torchrun
 
 CONFIGS = ROOT / "bundles" / "kvasir_gaze" / "configs"
 TRAIN = str(CONFIGS / "train.json")
@@ -91,8 +91,8 @@ def test_torchrun_resumes_on_every_rank_and_a_single_process_resumes_it(syntheti
     root = tmp_path / "ddp"
     files = f"['{TRAIN}','{CONFIGS / 'multi_gpu_train.json'}']"
 
-    def torchrun(epochs):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "monai.bundle",
+    def train(epochs):
+        cmd = [*torchrun(), "-m", "monai.bundle",
                "run", "--config_file", files, "--features", "[8,8,16,16,32,8]",
                *map(str, _common(root, synthetic_root)), "--val_fraction", "0.5", "--epochs", str(epochs),
                "--num_workers", "0"]  # fmt: skip
@@ -102,8 +102,8 @@ def test_torchrun_resumes_on_every_rank_and_a_single_process_resumes_it(syntheti
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         return proc.stdout + proc.stderr
 
-    torchrun(1)
-    log = torchrun(2)
+    train(1)
+    log = train(2)
     assert log.count("resumed from") == 2 and log.count("at epoch 1") == 2  # both ranks
     ckpt = torch.load(root / "models" / "latest.pt", weights_only=True)
     assert ckpt["trainer"]["epoch"] == 2 and not any(k.startswith("module.") for k in ckpt["model"])
