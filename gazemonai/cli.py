@@ -4,7 +4,9 @@ Commands::
 
     gazemonai pseudo-masks  --data-root DIR --gaze-csv CSV --out DIR [options]
     gazemonai simulate-gaze --masks DIR --out CSV [--seed 0]
-    gazemonai register      --bundle-dir DIR --name NAME [--checkpoint PT] [--tracking-uri URI]
+    gazemonai register      --bundle-dir DIR --name NAME [--checkpoint PT] [--alias champion]
+    gazemonai evaluate      --model models:/NAME@ALIAS --dataset-dir DIR --out DIR [--eval-split test]
+    gazemonai predict       --model models:/NAME@ALIAS --images DIR --out DIR
     gazemonai prepare-slices --out DIR (--nifti-images DIR --nifti-masks DIR
                                         | --dicom-root DIR --labels-root DIR)
 
@@ -25,7 +27,7 @@ from pathlib import Path
 
 from .errors import GazemonaiError, InvalidInputError
 
-__all__ = ["main", "prepare_slices", "pseudo_masks", "register", "simulate_gaze"]
+__all__ = ["evaluate", "main", "predict", "prepare_slices", "pseudo_masks", "register", "simulate_gaze"]
 
 logger = logging.getLogger("gazemonai")
 
@@ -273,22 +275,27 @@ def register(
     tracking_uri: str | None = None,
     override: dict | None = None,
     run_id: str | None = None,
-    experiment_name: str = "gazemonai_registry",
+    experiment_name: str | None = None,
+    alias=None,
 ):
     """Register a trained bundle in the MLflow model registry as an ``mlflow.pyfunc`` model.
 
     The model runs the bundle's inference.json in memory: ``mlflow.pyfunc.load_model(
     "models:/NAME/VERSION").predict(images)`` with (N, H, W, C) images gives (N, H, W) 0/1 masks.
+    It is logged into the run that trained the checkpoint (models/mlflow_run.json beside it), and the
+    version is tagged with that run's best validation Dice.
 
     Args:
         bundle_dir: bundle folder with configs/inference.json, e.g. bundles/kvasir_gaze.
         name: registered model name (a new version is added if it exists).
         checkpoint: trained weights (default BUNDLE_DIR/models/model.pt), e.g. runs/gaze1/models/model.pt.
-        tracking_uri: MLflow server or sqlite:/// URI (default $MLFLOW_TRACKING_URI, else the
-            training's outputs/mlruns.db next to the checkpoint's models/ folder).
-        override: inference.json values the checkpoint was trained with, e.g. "{'image_size': [96, 96]}".
-        run_id: log into this existing run (e.g. the training run) instead of a new one.
-        experiment_name: experiment of the new run.
+        tracking_uri: MLflow server or sqlite:/// URI (default: the training's, from its run record;
+            else $MLFLOW_TRACKING_URI; else outputs/mlruns.db next to the checkpoint's models/ folder).
+        override: inference.json values to use, e.g. "{'image_size': [96, 96]}" (default: those the
+            recorded training used).
+        run_id: log into this existing run instead of the recorded training run.
+        experiment_name: experiment of a new run (when the training run is not in the store).
+        alias: registered-model alias(es) to point at the new version, e.g. champion or "[champion,b]".
     """
     from .serve.registry import register_bundle
 
@@ -299,8 +306,10 @@ def register(
     )
     run_id, experiment_name = (
         _text_option("run_id", run_id),
-        _text_option("experiment_name", experiment_name, False),
+        _text_option("experiment_name", experiment_name),
     )
+    aliases = alias if isinstance(alias, (list, tuple)) else ([] if alias is None else [alias])
+    aliases = [_text_option("alias", a, False) for a in aliases]
     if override is not None and not isinstance(override, dict):
         raise InvalidInputError(
             f"--override must be a dict such as \"{{'image_size': [96, 96]}}\", got {override!r}"
@@ -313,10 +322,100 @@ def register(
         tracking_uri=tracking_uri,
         experiment_name=experiment_name,
         run_id=run_id,
+        aliases=aliases,
     )
-    version = info.registered_model_version
-    print(f"registered {name} version {version}: models:/{name}/{version}")
-    print(json.dumps({"name": name, "version": info.registered_model_version, "model_uri": info.model_uri}))
+    version = str(info.registered_model_version)
+    uris = [f"models:/{name}/{version}"] + [f"models:/{name}@{a}" for a in aliases]
+    print(f"registered {name} version {version}: {', '.join(uris)}")
+    print(
+        json.dumps(
+            {
+                "name": name,
+                "version": version,
+                "aliases": aliases,
+                "run_id": info.run_id,
+                "model_uri": info.model_uri,
+            }
+        )
+    )
+
+
+def _dict_option(name: str, value) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        example = "\"{'num_workers': 0}\""
+        raise InvalidInputError(f"{_flag(name)} must be a dict such as {example}, got {value!r}")
+    return value
+
+
+def _input_folder(name: str, value) -> str:
+    path = Path(_text_option(name, value, False))
+    if not path.is_dir():
+        raise InvalidInputError(f"{_flag(name)} {path}: no such folder")
+    return str(path)
+
+
+def evaluate(
+    model: str,
+    dataset_dir: str,
+    out: str,
+    eval_split: str = "test",
+    tracking_uri: str | None = None,
+    override: dict | None = None,
+):
+    """Evaluate a registered model on a data set: the report evaluate.json writes, from the registry.
+
+    Runs the model's own bundle (train.json + evaluate.json, with the settings it was trained with) on
+    DATASET_DIR's EVAL_SPLIT, writing OUT/outputs/metrics_<split>.json and an MLflow run in
+    OUT/outputs/mlruns.db.
+
+    Args:
+        model: registered model URI, e.g. models:/kvasir_gaze@champion or models:/kvasir_gaze/3.
+        dataset_dir: data folder as for training (images/, masks/, split files).
+        out: run folder (the bundle_root of the evaluation).
+        eval_split: test, val, train, or a split file name under DATASET_DIR.
+        tracking_uri: the registry (default $MLFLOW_TRACKING_URI).
+        override: more bundle values, e.g. "{'num_workers': 0, 'eval_limit': 10}".
+    """
+    from .serve.registry import run_registered_bundle
+
+    model = _text_option("model", model, False)
+    overrides = {
+        **_dict_option("override", override),
+        "dataset_dir": _input_folder("dataset_dir", dataset_dir),
+        "eval_split": _text_option("eval_split", eval_split, False),
+    }
+    out = _output_folder("out", out)
+    metrics = run_registered_bundle(
+        model, "evaluate", out, tracking_uri=_text_option("tracking_uri", tracking_uri), **overrides
+    )
+    report = json.loads(metrics.read_text())
+    print(f"evaluated {model} on {report['images']} images of {overrides['eval_split']}: {metrics}")
+    print(json.dumps({"model": model, "metrics": str(metrics), "mean": report["mean"]}))
+
+
+def predict(model: str, images: str, out: str, tracking_uri: str | None = None, override: dict | None = None):
+    """Segment a folder of images with a registered model: one mask per image, as inference.json writes.
+
+    Args:
+        model: registered model URI, e.g. models:/kvasir_gaze@champion.
+        images: folder of images (.png, .jpg, .jpeg).
+        out: folder for the masks.
+        tracking_uri: the registry (default $MLFLOW_TRACKING_URI).
+        override: more inference.json values, e.g. "{'device': 'cpu'}".
+    """
+    from .serve.registry import run_registered_bundle
+
+    model = _text_option("model", model, False)
+    overrides = {**_dict_option("override", override), "dataset_dir": _input_folder("images", images)}
+    out = _output_folder("out", out)
+    folder = run_registered_bundle(
+        model, "inference", out, tracking_uri=_text_option("tracking_uri", tracking_uri), **overrides
+    )
+    written = sorted(p.name for p in folder.iterdir() if p.is_file())
+    print(f"{len(written)} masks from {model} in {folder}")
+    print(json.dumps({"model": model, "out": str(folder), "masks": len(written)}))
 
 
 def prepare_slices(
@@ -391,6 +490,8 @@ COMMANDS = {
     "pseudo-masks": pseudo_masks,
     "simulate-gaze": simulate_gaze,
     "register": register,
+    "evaluate": evaluate,
+    "predict": predict,
     "prepare-slices": prepare_slices,
 }
 

@@ -36,11 +36,27 @@ except ImportError as e:  # pragma: no cover
 from ..errors import CheckpointMismatchError, CheckpointReadError, InvalidInputError, TrackingUnavailableError
 from ..train.checkpoints import load_weights
 from ..train.tracking import fail_fast_http, is_outage
-from .staging import locate_bundle, stage_bundle
+from .staging import (
+    MODEL_SETTINGS,
+    evaluation_overrides,
+    locate_bundle,
+    read_run_record,
+    stage_bundle,
+    trained_settings,
+)
 
-__all__ = ["BundlePyfuncModel", "log_bundle_model", "register_bundle"]
+__all__ = [
+    "BundlePyfuncModel",
+    "download_registered_bundle",
+    "log_bundle_model",
+    "register_bundle",
+    "run_registered_bundle",
+]
 
 logger = logging.getLogger(__name__)
+
+#: names of the registered model's input and output tensors
+INPUT_NAME, OUTPUT_NAME = "images", "masks"
 
 
 class BundlePyfuncModel(PythonModel):
@@ -86,6 +102,10 @@ class BundlePyfuncModel(PythonModel):
         self.inferer = parser.get_parsed_content("inferer")
 
     def _as_batch(self, images) -> np.ndarray:
+        if isinstance(images, dict):  # the signature's named input: {"images": batch}
+            if set(images) != {INPUT_NAME}:
+                raise InvalidInputError(f"expected one input named {INPUT_NAME!r}, got {sorted(images)}")
+            images = images[INPUT_NAME]
         images = np.asarray(images)
         if images.ndim == 3 and self.in_channels == 1:
             images = images[..., None]
@@ -133,20 +153,33 @@ def _pip_requirements() -> list[str]:
 
 
 def _signature(in_channels: int):
-    """Any batch, any height and width: (N, H, W, C) uint8 RGB, or (N, H, W) float32 single-channel."""
+    """Any batch, any height and width: ``images`` (N, H, W, C) uint8 RGB, or (N, H, W) float32
+    single-channel, to ``masks`` (N, H, W) uint8 0/1."""
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
     if in_channels > 1:
-        inputs = TensorSpec(np.dtype(np.uint8), (-1, -1, -1, in_channels))
+        inputs = TensorSpec(np.dtype(np.uint8), (-1, -1, -1, in_channels), name=INPUT_NAME)
     else:
-        inputs = TensorSpec(np.dtype(np.float32), (-1, -1, -1))
-    return ModelSignature(Schema([inputs]), Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1))]))
+        inputs = TensorSpec(np.dtype(np.float32), (-1, -1, -1), name=INPUT_NAME)
+    outputs = TensorSpec(np.dtype(np.uint8), (-1, -1, -1), name=OUTPUT_NAME)
+    return ModelSignature(Schema([inputs]), Schema([outputs]))
 
 
-def _load_staged(bundle: Path, ckpt: Path, overrides: dict | None, dest: Path):
+def _input_example(in_channels: int) -> dict:
+    """One 64x64 image with a bright disc on a dark background, in the signature's dtype."""
+    yy, xx = np.mgrid[:64, :64]
+    disc = ((yy - 30) ** 2 + (xx - 34) ** 2 < 14**2).astype(np.float32)
+    if in_channels > 1:
+        image = (40 + 160 * disc)[..., None].repeat(in_channels, axis=-1).astype(np.uint8)
+    else:
+        image = (100 + 300 * disc).astype(np.float32)
+    return {INPUT_NAME: image[None]}
+
+
+def _load_staged(bundle: Path, ckpt: Path, overrides: dict | None, dest: Path, training_settings=None):
     """Stage the bundle and load it as the served model would; a checkpoint that does not fit fails."""
-    staged = stage_bundle(bundle, dest / "bundle", ckpt, overrides)
+    staged = stage_bundle(bundle, dest / "bundle", ckpt, overrides, training_settings)
     model = BundlePyfuncModel()
 
     class _Context:
@@ -172,6 +205,7 @@ def _log_staged(staged: Path, model: BundlePyfuncModel, artifact_path: str, regi
         code_paths=[str(Path(__file__).resolve().parents[1])],  # the gazemonai package
         pip_requirements=_pip_requirements(),
         signature=_signature(model.in_channels),
+        input_example=_input_example(model.in_channels),
         registered_model_name=registered_model_name,
     )
 
@@ -232,8 +266,12 @@ def _reachable(uri: str) -> None:
         mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     except Exception as e:
         if is_outage(e):
-            raise TrackingUnavailableError(f"the MLflow tracking server at {uri} cannot be reached") from e
+            raise _unreachable(uri) from e
         raise
+
+
+def _unreachable(uri: str) -> TrackingUnavailableError:
+    return TrackingUnavailableError(f"the MLflow tracking server at {uri} cannot be reached")
 
 
 def register_bundle(
@@ -242,22 +280,33 @@ def register_bundle(
     checkpoint: str | os.PathLike | None = None,
     overrides: dict | None = None,
     tracking_uri: str | None = None,
-    experiment_name: str = "gazemonai_registry",
+    experiment_name: str | None = None,
     run_id: str | None = None,
+    aliases: list[str] | tuple[str, ...] = (),
 ):
     """Register a trained bundle as a new version of model ``name`` in the MLflow model registry.
+
+    The version is linked to the run that trained the checkpoint: training writes
+    ``models/mlflow_run.json`` beside ``model.pt`` (tracking URI, run id, the settings it resolved),
+    and the model is logged into that run, so the version shows the run's parameters, metrics and
+    config files. The version is tagged with the run's best ``val_mean_dice`` (the score of
+    ``model.pt``, which is the best checkpoint), the training run id and the checkpoint's SHA-256,
+    and gets ``aliases`` (e.g. ``champion``), which move to it from older versions.
 
     Args:
         bundle_dir: the bundle folder (``configs/inference.json``), e.g. ``bundles/kvasir_gaze``.
         name: registered model name.
         checkpoint: the trained weights; default ``bundle_dir/models/model.pt``.
-        overrides: inference.json values the checkpoint was trained with (``image_size``, ...).
+        overrides: ``inference.json`` values to use; by default the recorded training's
+            ``num_levels``, ``features``, ``in_channels`` and ``image_size``.
         tracking_uri: MLflow tracking/registry URI (a server ``http://...`` or ``sqlite:///...``);
-            default: ``MLFLOW_TRACKING_URI``, else the training's store next to the checkpoint
-            (``<bundle_root>/outputs/mlruns.db``).
-        experiment_name: experiment of the logging run (when ``run_id`` is not given).
-        run_id: log the model into this existing run, e.g. the training run the MLflow handler
-            created, so that the model version links to its metrics and parameters.
+            default: the recorded training's, else ``MLFLOW_TRACKING_URI``, else the store next to
+            the checkpoint (``<bundle_root>/outputs/mlruns.db``).
+        experiment_name: experiment of a new run, when the model is not logged into the training run
+            (no record, or a store that does not hold it); default the recorded training's
+            experiment, else ``gazemonai_registry``.
+        run_id: log the model into this run instead of the recorded one.
+        aliases: registered-model aliases to point at the new version.
 
     Returns:
         mlflow's ``ModelInfo``; ``registered_model_version`` is the new version.
@@ -265,18 +314,214 @@ def register_bundle(
     from monai.utils import path_to_sqlite_uri
 
     bundle, ckpt = locate_bundle(bundle_dir, checkpoint)
+    record = read_run_record(ckpt)
     if tracking_uri is None:
-        tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or path_to_sqlite_uri(
-            str(ckpt.resolve().parent.parent / "outputs" / "mlruns.db")
+        tracking_uri = (
+            (record or {}).get("tracking_uri")
+            or os.environ.get("MLFLOW_TRACKING_URI")
+            or path_to_sqlite_uri(str(ckpt.resolve().parent.parent / "outputs" / "mlruns.db"))
         )
+    aliases = [_alias(a) for a in aliases]
+    trained = trained_settings(record)
+    overrides = {**{k: trained[k] for k in MODEL_SETTINGS if k in trained}, **(overrides or {})}
     with tempfile.TemporaryDirectory() as tmp, _tracking(tracking_uri):
-        staged, model = _load_staged(bundle, ckpt, overrides, Path(tmp))  # fails before a run exists
+        # fails before anything is logged when the checkpoint does not load
+        staged, model = _load_staged(bundle, ckpt, overrides or None, Path(tmp), trained)
         _reachable(tracking_uri)
-        if run_id is None:
-            mlflow.set_experiment(experiment_name)
-        with mlflow.start_run(run_id=run_id) as run:
+        client = mlflow.MlflowClient()
+        training = run_id or _recorded_run(client, record, tracking_uri)
+        if training is None:
+            experiment = experiment_name or (record or {}).get("experiment_name") or "gazemonai_registry"
+            mlflow.set_experiment(experiment_id=_experiment_id(client, experiment, tracking_uri))
+        with mlflow.start_run(run_id=training) as run:
+            if training is None and record:
+                mlflow.set_tag("gazemonai.training_run", f"{record['tracking_uri']} {record['run_id']}")
             info = _log_staged(staged, model, "model", name)
-            logger.info(
-                "registered %s version %s (run %s)", name, info.registered_model_version, run.info.run_id
-            )
+        version = info.registered_model_version
+        tags = _version_tags(client, run.info.run_id, ckpt, linked=training is not None)
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version, key, value)
+        for alias in aliases:
+            client.set_registered_model_alias(name, alias, version)
+        client.update_model_version(name, version, description=_description(bundle, ckpt, tags))
+        logger.info(
+            "registered %s version %s (run %s%s)%s",
+            name,
+            version,
+            run.info.run_id,
+            ", the training run" if training else "",
+            "".join(f" @{a}" for a in aliases),
+        )
     return info
+
+
+def _alias(alias) -> str:
+    """``alias`` checked before anything is logged (MLflow would refuse it after the version exists)."""
+    import re
+
+    alias = str(alias)
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", alias):
+        raise InvalidInputError(f"alias {alias!r}: use letters, digits, '-' and '_'")
+    if alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
+        raise InvalidInputError(f"alias {alias!r} is reserved by MLflow ('latest', v<number>)")
+    return alias
+
+
+def _recorded_run(client, record: dict | None, tracking_uri: str) -> str | None:
+    """The recorded training run's id, if the store at ``tracking_uri`` holds it."""
+    if not record:
+        logger.warning(
+            "no run record (models/mlflow_run.json) beside the checkpoint: the model is logged into a "
+            "new run, not linked to its training"
+        )
+        return None
+    try:
+        run = client.get_run(record["run_id"])
+    except Exception as e:
+        if is_outage(e):
+            raise
+        logger.warning(
+            "the training run %s (recorded in %s) is not in %s: the model is logged into a new run "
+            "tagged gazemonai.training_run",
+            record["run_id"],
+            record["tracking_uri"],
+            tracking_uri,
+        )
+        return None
+    if run.info.lifecycle_stage == "deleted":
+        logger.warning("training run %s was deleted: the model is logged into a new run", record["run_id"])
+        return None
+    return run.info.run_id
+
+
+def _experiment_id(client, experiment: str, tracking_uri: str) -> str:
+    """The experiment's id, created with its artifacts next to a SQLite store (not in the cwd)."""
+    found = client.get_experiment_by_name(experiment)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if tracking_uri.startswith("sqlite:///"):
+        from monai.utils import path_to_uri
+
+        location = path_to_uri(Path(tracking_uri[len("sqlite:///") :]).parent / "mlruns")
+    return client.create_experiment(experiment, artifact_location=location)
+
+
+def _version_tags(client, run_id: str, ckpt: Path, linked: bool) -> dict[str, str]:
+    import hashlib
+
+    tags = {"checkpoint_sha256": hashlib.sha256(ckpt.read_bytes()).hexdigest()}
+    if not linked:
+        return tags
+    tags["training_run_id"] = run_id
+    history = client.get_metric_history(run_id, "val_mean_dice")
+    if history:
+        best = max(history, key=lambda m: (m.value, -m.step))
+        tags["val_mean_dice"] = f"{best.value:.4f}"
+        tags["val_mean_dice_epoch"] = str(best.step)
+    params = client.get_run(run_id).data.params
+    for key in ("supervision", "num_levels", "image_size"):
+        if key in params:
+            tags[key] = params[key]
+    return tags
+
+
+def _description(bundle: Path, ckpt: Path, tags: dict[str, str]) -> str:
+    text = f"gazemonai bundle {bundle.resolve().name}, weights {ckpt.resolve()}"
+    if "training_run_id" in tags:
+        text += f", trained in run {tags['training_run_id']}"
+    if "val_mean_dice" in tags:
+        text += f", validation Dice {tags['val_mean_dice']} (epoch {tags['val_mean_dice_epoch']})"
+    return text
+
+
+def download_registered_bundle(
+    model_uri: str, dest: str | os.PathLike, tracking_uri: str | None = None
+) -> Path:
+    """The bundle folder (configs + ``models/model.pt``) of a registered gazemonai model.
+
+    Args:
+        model_uri: ``models:/NAME/VERSION``, ``models:/NAME@ALIAS``, ``runs:/RUN_ID/model``, ...
+        dest: a folder to download into.
+        tracking_uri: the registry's tracking URI (default: ``MLFLOW_TRACKING_URI``).
+
+    Raises:
+        InvalidInputError: the model is not one ``gazemonai register`` logged.
+        TrackingUnavailableError: the tracking server does not answer.
+    """
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise InvalidInputError(
+            f"where is the registry holding {model_uri}? give --tracking-uri or set MLFLOW_TRACKING_URI"
+        )
+    with _tracking(uri):
+        _reachable(uri)
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dest)))
+        except mlflow.exceptions.MlflowException as e:
+            if is_outage(e):
+                raise _unreachable(uri) from e
+            raise InvalidInputError(f"cannot fetch {model_uri} from {uri}: {_first_line(e)}") from e
+    bundle = local / "artifacts" / "bundle"
+    if not all((bundle / f).is_file() for f in ("configs/inference.json", "models/model.pt")):
+        raise InvalidInputError(f"{model_uri} is not a model gazemonai register logged (no bundle in it)")
+    return bundle
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def run_registered_bundle(
+    model_uri: str,
+    task: str,
+    out: str | os.PathLike,
+    tracking_uri: str | None = None,
+    **overrides,
+) -> Path:
+    """Run a registered model's bundle: ``evaluate`` (``train.json`` + ``evaluate.json``) or ``inference``.
+
+    Evaluation uses the model and validation-split settings the model was trained with
+    (:func:`~gazemonai.serve.staging.evaluation_overrides`) and writes what ``evaluate.json`` writes
+    (``<out>/outputs/metrics_<split>.json``, an MLflow run in ``<out>/outputs/mlruns.db``); inference
+    writes one mask per image into ``out``.
+
+    Args:
+        model_uri: the registered model, e.g. ``models:/kvasir_gaze@champion``.
+        task: ``"evaluate"`` or ``"inference"``.
+        out: evaluation: the run folder (``bundle_root``); inference: the mask folder.
+        tracking_uri: the registry's tracking URI (default: ``MLFLOW_TRACKING_URI``).
+        overrides: bundle values (``dataset_dir``, ``eval_split``, ...).
+
+    Returns:
+        the metrics file (evaluate) or the mask folder (inference).
+    """
+    from monai.bundle import run
+
+    if task not in ("evaluate", "inference"):
+        raise InvalidInputError(f"task must be evaluate or inference, got {task!r}")
+    out = Path(out)
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = download_registered_bundle(model_uri, tmp, tracking_uri)
+        configs = bundle / "configs"
+        logger.info("running %s of %s (%s)", task, model_uri, bundle)
+        if task == "evaluate":
+            settings = {**evaluation_overrides(bundle), **overrides}
+            run(
+                config_file=[str(configs / "train.json"), str(configs / "evaluate.json")],
+                meta_file=str(configs / "metadata.json"),
+                bundle_root=str(out),
+                ckpt_dir=str(bundle / "models"),
+                **settings,
+            )
+            split = str(settings.get("eval_split", "test")).replace(".txt", "").replace("/", "_")
+            return out / "outputs" / f"metrics_{split}.json"
+        run(
+            config_file=str(configs / "inference.json"),
+            meta_file=str(configs / "metadata.json"),
+            bundle_root=str(bundle),
+            output_dir=str(out),
+            **overrides,
+        )
+        return out

@@ -18,7 +18,27 @@ from pathlib import Path
 
 from ..errors import InvalidInputError, MissingInputError
 
-__all__ = ["locate_bundle", "stage_bundle"]
+__all__ = [
+    "MODEL_SETTINGS",
+    "SPLIT_SETTINGS",
+    "evaluation_overrides",
+    "locate_bundle",
+    "read_run_record",
+    "stage_bundle",
+    "trained_settings",
+]
+
+#: the ``inference.json`` values that must match the training for its weights to load and predict
+MODEL_SETTINGS = ("num_levels", "features", "in_channels", "image_size")
+
+#: the ``train.json`` values that define the validation split (evaluating ``val`` needs the same)
+SPLIT_SETTINGS = ("val_fraction", "seed", "val_group")
+
+#: the training's resolved settings, kept in a staged bundle's ``configs/``
+TRAINING_SETTINGS = "training_settings.json"
+
+#: written by the training next to ``model.pt`` (``MLflowTracking(run_record=...)``)
+RUN_RECORD = "mlflow_run.json"
 
 
 def locate_bundle(
@@ -49,6 +69,7 @@ def stage_bundle(
     dest: str | os.PathLike,
     checkpoint: str | os.PathLike | None = None,
     overrides: dict | None = None,
+    training_settings: dict | None = None,
 ) -> Path:
     """Write ``dest`` = ``bundle_dir``'s ``configs/`` + ``checkpoint`` as ``models/model.pt``.
 
@@ -57,6 +78,9 @@ def stage_bundle(
         dest: the folder to write (replaced if it exists).
         checkpoint: the weights; default ``bundle_dir/models/model.pt``.
         overrides: top-level ``inference.json`` values to set, e.g. ``{"image_size": [96, 96]}``.
+        training_settings: the settings the checkpoint's training resolved, written to
+            ``configs/training_settings.json`` (evaluating the staged bundle reuses its model and
+            validation-split settings: :func:`evaluation_overrides`).
 
     Returns:
         ``dest`` as a path.
@@ -82,4 +106,58 @@ def stage_bundle(
             raise InvalidInputError(f"overrides {unknown} are not keys of {bundle}/configs/inference.json")
         config.update(overrides)
         path.write_text(json.dumps(config, indent=4) + "\n")
+    if training_settings:
+        (dest / "configs" / TRAINING_SETTINGS).write_text(json.dumps(training_settings, indent=2) + "\n")
     return dest
+
+
+def evaluation_overrides(staged: str | os.PathLike) -> dict:
+    """``train.json`` + ``evaluate.json`` overrides that evaluate a staged bundle as it was trained.
+
+    The model settings come from the staged ``inference.json`` (what the checkpoint loads with), the
+    validation split's from ``configs/training_settings.json`` when the training was recorded.
+    """
+    configs = Path(staged) / "configs"
+    inference = json.loads((configs / "inference.json").read_text(encoding="utf-8"))
+    overrides = {k: inference[k] for k in MODEL_SETTINGS if k in inference}
+    train = json.loads((configs / "train.json").read_text(encoding="utf-8"))
+    path = configs / TRAINING_SETTINGS
+    if path.is_file():
+        settings = json.loads(path.read_text(encoding="utf-8"))
+        overrides.update({k: settings[k] for k in SPLIT_SETTINGS if k in settings and k in train})
+    return overrides
+
+
+def read_run_record(checkpoint: str | os.PathLike) -> dict | None:
+    """The MLflow run that trained ``checkpoint``: ``models/mlflow_run.json`` beside it, if any.
+
+    Returns:
+        ``{"tracking_uri", "experiment_name", "run_name", "run_id", "config_dir"}`` or ``None`` for a
+        checkpoint trained without one (older versions, other tools).
+
+    Raises:
+        InvalidInputError: the record exists but is not such a JSON object.
+    """
+    path = Path(checkpoint).parent / RUN_RECORD
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InvalidInputError(f"{path}: not a JSON run record ({e})") from e
+    missing = [k for k in ("tracking_uri", "run_id") if not isinstance(record, dict) or not record.get(k)]
+    if missing:
+        raise InvalidInputError(f"{path}: run record without {', '.join(missing)}")
+    return record
+
+
+def trained_settings(record: dict | None) -> dict:
+    """Every setting the recorded training resolved (``{}`` when not recorded)."""
+    if not record or not record.get("config_dir"):
+        return {}
+    path = Path(record["config_dir"]) / "resolved_settings.json"
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return settings if isinstance(settings, dict) else {}

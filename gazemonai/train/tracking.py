@@ -35,6 +35,8 @@ from typing import Any
 from monai.handlers import MLFlowHandler
 from monai.utils import flatten_dict, path_to_sqlite_uri
 
+from gazemonai.train.provenance import write_run_config
+
 __all__ = ["MLflowTracking", "fail_fast_http", "is_outage", "FAIL_FAST"]
 
 logger = logging.getLogger(__name__)
@@ -142,6 +144,13 @@ class MLflowTracking(MLFlowHandler):
         fresh_run: for the trainer's handler: a training that starts from its first iteration (not a
             resume) marks an unfinished run of the same name as killed and logs into a new one,
             instead of continuing that run's history.
+        log_config: log the config files this ``monai.bundle`` run was given, the merged config and
+            the resolved settings as the run's ``config/`` artifacts, when the run starts
+            (:mod:`gazemonai.train.provenance`; copies kept in ``config_<run name>/`` next to the
+            journal).
+        run_record: a JSON file to write the run's tracking URI, experiment, name and id to once it
+            is known (``models/mlflow_run.json`` in the bundles: ``gazemonai register`` reads it to
+            link a registered model to the run that trained it).
         other args: those of ``monai.handlers.MLFlowHandler``.
     """
 
@@ -152,6 +161,8 @@ class MLflowTracking(MLFlowHandler):
         fallback_uri: str | None = None,
         retry_seconds: float = 60.0,
         fresh_run: bool = False,
+        log_config: bool = False,
+        run_record: str | os.PathLike | None = None,
         **kwargs,
     ) -> None:
         fail_fast_http()
@@ -162,6 +173,9 @@ class MLflowTracking(MLFlowHandler):
         )
         self.retry_seconds = float(retry_seconds)
         self.fresh_run = bool(fresh_run)
+        self.log_config = bool(log_config)
+        self.run_record = Path(run_record) if run_record else None
+        self._config_logged = False
         self._journal: _Journal | None = None
         self._known: dict[str, set[int]] = {}  # steps the run holds, per metric (asked lazily)
         self._ask_history = False
@@ -201,9 +215,46 @@ class MLflowTracking(MLFlowHandler):
                 raise
             self._went_offline(e)
             self._queue_start_params(engine)
+            self._record_config()
             return
         self._ask_history = bool(self.cur_run.data.metrics)  # a resumed run: it may hold steps already
         self._went_online()
+        self._record_config()
+        self._write_run_record(self._uri(), self.cur_run.info.run_id)
+
+    @property
+    def config_dir(self) -> Path:
+        """Where ``log_config`` writes the run's config files (next to the journal)."""
+        name = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(self.run_name or "run"))
+        return self.pending_path.resolve().parent / f"config_{name}"
+
+    def _record_config(self) -> None:
+        if not self.log_config or self._config_logged:
+            return
+        self._config_logged = True
+        for path in write_run_config(self.config_dir):
+            self._send_or_queue(self._record("artifact", path=str(path), artifact_path="config"))
+
+    def _write_run_record(self, uri: str, run_id: str) -> None:
+        if self.run_record is None:
+            return
+        record = {
+            "tracking_uri": uri,
+            "experiment_name": self.experiment_name,
+            "run_name": self.run_name,
+            "run_id": run_id,
+            "config_dir": str(self.config_dir) if self._config_logged else None,
+        }
+        self.run_record.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.run_record.with_name(self.run_record.name + ".tmp")
+        tmp.write_text(json.dumps(record, indent=2))
+        os.replace(tmp, self.run_record)
+
+    def _parse_artifacts(self):
+        for path in self.artifacts:
+            if path and not Path(path).exists():
+                logger.warning("MLflow artifact %s does not exist: not logged", path)
+        return super()._parse_artifacts()
 
     def _kill_unfinished_runs(self) -> None:
         """A training started from scratch: an unfinished run of its name was a killed attempt.
@@ -331,8 +382,9 @@ class MLflowTracking(MLFlowHandler):
             return max(runs, key=lambda r: r.info.start_time).info.run_id
         return client.create_run(experiment.experiment_id, run_name=name).info.run_id
 
-    def _replay(self, client, records=None) -> list[str]:
-        """Send ``records`` (default: the journal) in order, each to its run; returns the runs written to."""
+    def _replay(self, client, records=None) -> dict[tuple, str]:
+        """Send ``records`` (default: the journal) in order, each to its run; returns the runs written to
+        (``(experiment, run name) -> run id``)."""
         runs: dict[tuple, str] = {}
         history: dict[tuple, set[int]] = {}
         for record in self.journal.records if records is None else records:
@@ -350,7 +402,7 @@ class MLflowTracking(MLFlowHandler):
                         history[run_id, key].add(record["step"])
                 record = {**record, "metrics": fresh}
             _apply(client, run_id, record)
-        return list(runs.values())
+        return runs
 
     def _flush(self) -> None:
         self.journal.last_try = time.monotonic()
@@ -360,6 +412,7 @@ class MLflowTracking(MLFlowHandler):
                 self.cur_run = self.client.get_run(
                     self._run_id(self.client, self.experiment_name, self.run_name)
                 )
+                self._write_run_record(self._uri(), self.cur_run.info.run_id)
         except Exception as e:
             if not is_outage(e):
                 raise
@@ -386,8 +439,11 @@ class MLflowTracking(MLFlowHandler):
         fresh = [r for r in self.journal.records if not r.get("local")]  # earlier runs' are there already
         try:
             local = mlflow.MlflowClient(tracking_uri=self.fallback_uri)
-            for run_id in self._replay(local, fresh):
+            runs = self._replay(local, fresh)
+            for run_id in runs.values():
                 local.set_terminated(run_id, self.run_finish_status)
+            if (self.experiment_name, self.run_name) in runs:
+                self._write_run_record(self.fallback_uri, runs[self.experiment_name, self.run_name])
         except Exception as e:  # the last resort failed too: the journal keeps everything
             logger.warning(
                 "could not write to the local MLflow store %s either (%s); %d records kept in %s",
@@ -454,5 +510,8 @@ def _apply(client, run_id: str, record: dict) -> None:
             mlflow.entities.Metric(k, v, record["time"], record["step"]) for k, v in record["metrics"].items()
         ]
         client.log_batch(run_id=run_id, metrics=metrics, params=[], tags=[])
-    elif op == "artifact" and Path(record["path"]).is_file():
-        client.log_artifact(run_id, record["path"])
+    elif op == "artifact":
+        if Path(record["path"]).is_file():
+            client.log_artifact(run_id, record["path"], record.get("artifact_path"))
+        else:
+            logger.warning("MLflow artifact %s is gone: not logged", record["path"])

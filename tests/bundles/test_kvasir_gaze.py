@@ -3,14 +3,13 @@
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import helpers
 import numpy as np
 import pytest
 import torch
-from helpers import KVASIR, KVASIR_CSV, ROOT, bundle, need
+from helpers import KVASIR, KVASIR_CSV, ROOT, bundle, need, torchrun
 from PIL import Image
 
 BUNDLE = ROOT / "bundles" / "kvasir_gaze"
@@ -26,6 +25,22 @@ SMALL = ["--image_size", "[32,32]", "--batch_size", "2", "--num_workers", "0", "
 
 def mlflow_runs(db: Path):
     return helpers.mlflow_runs(db, "kvasir_gaze")
+
+
+def _artifacts(bundle_root: Path, run, folder: str = "") -> dict[str, bytes]:
+    """The files a run logged under ``folder`` (read back from the bundle's MLflow store)."""
+    import mlflow
+
+    uri = f"sqlite:///{bundle_root / 'outputs' / 'mlruns.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    files = {}
+    for info in client.list_artifacts(run.info.run_id, folder or None):
+        if not info.is_dir:
+            local = mlflow.artifacts.download_artifacts(
+                run_id=run.info.run_id, artifact_path=info.path, tracking_uri=uri
+            )
+            files[Path(info.path).name] = Path(local).read_bytes()
+    return files
 
 
 def test_train_evaluate_infer_resume_on_generated_data(synthetic_root, tmp_path):
@@ -56,6 +71,17 @@ def test_train_evaluate_infer_resume_on_generated_data(synthetic_root, tmp_path)
     assert terms <= set(metrics) and metrics["train_loss_consistency_1"] < 0
     assert train_run.data.params["supervision"] == "gaze" and train_run.data.params["num_levels"] == "2"
     assert train_run.data.params["train_step"] == "levelwise"
+    # the run records the config files it was given, the merged config and the resolved settings
+    config = _artifacts(out, train_run, "config")
+    assert set(config) == {"train.json", "executed_config.json", "resolved_settings.json"}
+    assert config["train.json"] == Path(TRAIN).read_bytes()
+    executed = json.loads(config["executed_config.json"])
+    assert executed["train_step"] == "levelwise" and executed["image_size"] == [32, 32]
+    resolved = json.loads(config["resolved_settings.json"])
+    assert resolved["output_dir"] == f"{out}/outputs" and resolved["num_levels"] == 2
+    assert resolved["device"] == "cpu" and resolved["epochs"] == 2 and "network" not in resolved
+    record = json.loads((out / "models" / "mlflow_run.json").read_text())
+    assert record["run_id"] == train_run.info.run_id and record["experiment_name"] == "kvasir_gaze"
 
     # restart with a longer schedule: resumes from latest.pt after epoch 2 and runs epoch 3 only
     p = bundle("--config_file", TRAIN, *common, *SMALL, "--epochs", 3)
@@ -70,6 +96,12 @@ def test_train_evaluate_infer_resume_on_generated_data(synthetic_root, tmp_path)
     assert set(report["mean"]) == {"ensemble", "level_1", "level_2"}
     assert set(report["per_image"][0]["ensemble"]) == {"dice", "iou"}
     assert [r["id"] for r in report["per_image"]] == ["synth_004", "synth_005"]
+    evaluation = [r for r in mlflow_runs(out / "outputs" / "mlruns.db") if r.info.run_name == "evaluate_test"]
+    assert len(evaluation) == 1 and evaluation[0].data.metrics["eval_mean_dice"] == pytest.approx(
+        report["mean"]["ensemble"]["dice"], abs=1e-5
+    )
+    assert json.loads(_artifacts(out, evaluation[0])["metrics_test.json"]) == report
+    assert set(_artifacts(out, evaluation[0], "config")) >= {"train.json", "evaluate.json"}
 
     # inference writes one PNG mask per input image, at the input's size
     pred_dir = tmp_path / "preds"
@@ -178,7 +210,7 @@ def test_multi_gpu_config_runs_two_processes_with_gloo(synthetic_root, tmp_path,
     out = tmp_path / "ddp"
     files = ",".join(f"'{CONFIGS / f}'" for f in ["train.json", *profile, "multi_gpu_train.json"])
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "monai.bundle", "run",
+        *torchrun(), "-m", "monai.bundle", "run",
         "--config_file", f"[{files}]", "--features", "[8,8,16,16,32,8]",
         "--bundle_root", str(out), "--dataset_dir", str(synthetic_root),
         "--gaze_csv", str(synthetic_root / "gaze.csv"),
@@ -192,3 +224,36 @@ def test_multi_gpu_config_runs_two_processes_with_gloo(synthetic_root, tmp_path,
     assert (out / "models" / "model.pt").is_file() and (out / "models" / "latest.pt").is_file()
     runs = [r for r in mlflow_runs(out / "outputs" / "mlruns.db") if "val_mean_dice" in r.data.metrics]
     assert len(runs) == 1  # rank 0 only
+
+
+def test_multi_gpu_evaluate_gathers_every_rank_in_dataset_order(synthetic_root, kvasir_checkpoint, tmp_path):
+    """multi_gpu_evaluate.json under torchrun (2 gloo processes, 3 images: uneven shards) writes the
+    same report as evaluate.json in one process: every image once, in dataset order, same means."""
+    import shutil
+
+    args = ["--dataset_dir", str(synthetic_root), "--val_fraction", "0.75", "--eval_split", "val"]
+    args += [str(a) for a in SMALL]
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    for root in (single, multi):
+        (root / "models").mkdir(parents=True)
+        shutil.copy(kvasir_checkpoint, root / "models" / "model.pt")
+    bundle("--config_file", EVALUATE, "--bundle_root", single, *args)
+    files = ",".join(f"'{CONFIGS / f}'" for f in ["train.json", "evaluate.json", "multi_gpu_evaluate.json"])
+    cmd = [
+        *torchrun(), "-m", "monai.bundle", "run",
+        "--config_file", f"[{files}]", "--bundle_root", str(multi), *args,
+    ]  # fmt: skip
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    one = json.loads((single / "outputs" / "metrics_val.json").read_text())
+    two = json.loads((multi / "outputs" / "metrics_val.json").read_text())
+    assert one["images"] == two["images"] == 3
+    assert [r["id"] for r in two["per_image"]] == [r["id"] for r in one["per_image"]]
+    for a, b in zip(one["per_image"], two["per_image"]):
+        assert a["ensemble"]["dice"] == pytest.approx(b["ensemble"]["dice"], abs=1e-6)
+    assert two["mean"]["ensemble"]["dice"] == pytest.approx(one["mean"]["ensemble"]["dice"], abs=1e-6)
+    runs = [r for r in mlflow_runs(multi / "outputs" / "mlruns.db") if "eval_mean_dice" in r.data.metrics]
+    assert len(runs) == 1  # rank 0 logs
+    assert runs[0].data.metrics["eval_mean_dice"] == pytest.approx(one["mean"]["ensemble"]["dice"], abs=1e-5)

@@ -165,3 +165,112 @@ def test_a_registered_model_is_built_from_code_not_unpickled(mlflow_server, kvas
         and (local / "model_code.py").is_file()
         or list(local.rglob("model_code.py"))
     )
+
+
+def test_register_links_the_training_run_tags_and_aliases_it(trained_kvasir, tmp_path, monkeypatch):
+    """No URI, no run id, no overrides: the run record beside model.pt says them all."""
+    import mlflow
+
+    ckpt = trained_kvasir / "models" / "model.pt"
+    record = json.loads((trained_kvasir / "models" / "mlflow_run.json").read_text())
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+
+    def register(*extra):
+        p = subprocess.run(
+            [sys.executable, "-m", "gazemonai", "register", "--bundle-dir", str(BUNDLE),
+             "--checkpoint", str(ckpt), "--name", "kvasir_linked", *extra],
+            capture_output=True, text=True, cwd=cwd,
+        )  # fmt: skip
+        assert p.returncode == 0, p.stderr[-3000:]
+        return json.loads(p.stdout.strip().splitlines()[-1])
+
+    first = register("--alias", "champion")
+    assert first["version"] == "1" and first["aliases"] == ["champion"]
+    assert first["run_id"] == record["run_id"]  # logged into the training run
+    client = mlflow.MlflowClient(tracking_uri=record["tracking_uri"])
+    version = client.get_model_version("kvasir_linked", "1")
+    assert version.run_id == record["run_id"]
+    history = client.get_metric_history(record["run_id"], "val_mean_dice")
+    best = max(history, key=lambda m: (m.value, -m.step))
+    assert version.tags["val_mean_dice"] == f"{best.value:.4f}"
+    assert version.tags["val_mean_dice_epoch"] == str(best.step)
+    assert version.tags["training_run_id"] == record["run_id"] and version.tags["supervision"] == "gaze"
+    assert len(version.tags["checkpoint_sha256"]) == 64 and "validation Dice" in version.description
+    assert str(client.get_model_version_by_alias("kvasir_linked", "champion").version) == "1"
+    # artifacts next to the store, nothing in the folder register ran from
+    assert not any(cwd.iterdir())
+    assert list((trained_kvasir / "outputs" / "mlruns").rglob("MLmodel"))
+
+    # the alias moves to a newer version; the recorded 32x32 / narrow widths were used to load it
+    second = register("--alias", "[champion,staging]")
+    assert second["version"] == "2" and second["aliases"] == ["champion", "staging"]
+    assert str(client.get_model_version_by_alias("kvasir_linked", "champion").version) == "2"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", record["tracking_uri"])
+    (tmp_path / "dl").mkdir()
+    model = mlflow.pyfunc.load_model("models:/kvasir_linked@champion", dst_path=str(tmp_path / "dl"))
+    sig = model.metadata.signature
+    assert sig.inputs.input_names() == ["images"] and sig.outputs.input_names() == ["masks"]
+    example = model.metadata.load_input_example(str(tmp_path / "dl"))
+    masks = model.predict(example)
+    assert masks.shape == (1, 64, 64) and masks.dtype == np.uint8
+    assert np.array_equal(model.predict(example["images"]), masks)  # a bare array works too
+
+
+def test_register_refuses_bad_aliases_before_logging(trained_kvasir, tmp_path):
+    for alias in ("v3", "latest", "bad alias"):
+        p = cli("register", "--bundle-dir", BUNDLE, "--checkpoint", trained_kvasir / "models" / "model.pt",
+                "--name", "x", "--alias", alias,
+                "--tracking-uri", f"sqlite:///{tmp_path / 'db'}")  # fmt: skip
+        assert p.returncode == 2 and repr(alias) in p.stderr, p.stderr
+    assert not (tmp_path / "db").exists()
+
+
+def test_evaluate_and_predict_a_registered_model_as_the_bundle_does(trained_kvasir, synthetic_root, tmp_path):
+    """`gazemonai evaluate/predict --model models:/...` give the report and masks of evaluate.json and
+    inference.json on the same checkpoint, with the settings it was trained with (32x32, widths, split)."""
+    import shutil
+
+    from helpers import bundle
+
+    record = json.loads((trained_kvasir / "models" / "mlflow_run.json").read_text())
+    uri = record["tracking_uri"]
+    p = cli("register", "--bundle-dir", BUNDLE, "--checkpoint", trained_kvasir / "models" / "model.pt",
+            "--name", "kvasir_eval", "--alias", "champion")  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+
+    ref = tmp_path / "ref"
+    (ref / "models").mkdir(parents=True)
+    shutil.copy(trained_kvasir / "models" / "model.pt", ref / "models" / "model.pt")
+    trained = ["--image_size", "[32,32]", "--features", "[8,8,16,16,32,8]"]
+    configs = f"['{BUNDLE / 'configs' / 'train.json'}','{BUNDLE / 'configs' / 'evaluate.json'}']"
+    bundle("--config_file", configs, "--bundle_root", ref, "--dataset_dir", synthetic_root,
+           "--eval_split", "val", "--val_fraction", "0.5", *trained)  # fmt: skip
+    p = cli("evaluate", "--model", "models:/kvasir_eval@champion", "--tracking-uri", uri,
+            "--dataset-dir", synthetic_root, "--eval-split", "val", "--out", tmp_path / "reg")  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    expected = json.loads((ref / "outputs" / "metrics_val.json").read_text())
+    got = json.loads((tmp_path / "reg" / "outputs" / "metrics_val.json").read_text())
+    assert got == expected and got["images"] == 2
+    assert json.loads(p.stdout.strip().splitlines()[-1])["mean"] == expected["mean"]
+
+    bundle("--config_file", BUNDLE / "configs" / "inference.json", "--bundle_root", ref,
+           "--dataset_dir", synthetic_root / "images", "--output_dir", tmp_path / "ref_masks",
+           *trained)  # fmt: skip
+    p = cli("predict", "--model", "models:/kvasir_eval@champion", "--tracking-uri", uri,
+            "--images", synthetic_root / "images", "--out", tmp_path / "masks")  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    names = sorted(f.name for f in (tmp_path / "ref_masks").iterdir())
+    assert names and names == sorted(f.name for f in (tmp_path / "masks").iterdir())
+    for name in names:
+        a = np.asarray(Image.open(tmp_path / "ref_masks" / name))
+        assert np.array_equal(a, np.asarray(Image.open(tmp_path / "masks" / name))), name
+
+
+def test_evaluate_names_a_model_that_is_not_there(trained_kvasir, tmp_path):
+    uri = json.loads((trained_kvasir / "models" / "mlflow_run.json").read_text())["tracking_uri"]
+    p = cli("evaluate", "--model", "models:/no_such_model/1", "--tracking-uri", uri,
+            "--dataset-dir", tmp_path, "--out", tmp_path / "o")  # fmt: skip
+    assert p.returncode == 2 and "models:/no_such_model/1" in p.stderr, p.stderr[-2000:]
+    p = cli("predict", "--model", "models:/x/1", "--images", tmp_path / "nope", "--out", tmp_path / "o")
+    assert p.returncode == 2 and "--images" in p.stderr and "no such folder" in p.stderr

@@ -39,14 +39,14 @@ def _history(uri, run_name="r", key="loss"):
     return runs[0], sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, key))
 
 
-def _trainer(uri, journal, epochs=3, iterations=2, hooks=(), close=True):
+def _trainer(uri, journal, epochs=3, iterations=2, hooks=(), close=True, run_record=None):
     engine = Engine(lambda e, b: {"loss": float(e.state.iteration)})
     for event, hook in hooks:
         engine.add_event_handler(event, hook)
     MLflowTracking(
         tracking_uri=uri, experiment_name="e", run_name="r", pending_path=journal, retry_seconds=0,
         output_transform=lambda out: out["loss"], tag_name="loss", close_on_complete=close,
-        experiment_param={"lr": 0.1},
+        experiment_param={"lr": 0.1}, run_record=run_record,
     ).attach(engine)  # fmt: skip
     engine.run([0] * iterations, max_epochs=epochs)
     return engine
@@ -56,7 +56,7 @@ def test_training_goes_on_when_the_server_is_down_from_the_start(tmp_path, caplo
     dead = f"http://127.0.0.1:{free_port()}"
     started = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="gazemonai.train.tracking"):
-        _trainer(dead, tmp_path / "journal.jsonl")
+        _trainer(dead, tmp_path / "journal.jsonl", run_record=tmp_path / "record.json")
     assert time.monotonic() - started < 30  # MLflow's own retries would block for minutes
     warnings = [r.getMessage() for r in caplog.records]
     assert sum("is unreachable" in w for w in warnings) == 1  # warned once
@@ -64,6 +64,9 @@ def test_training_goes_on_when_the_server_is_down_from_the_start(tmp_path, caplo
     run, steps = _history(f"sqlite:///{tmp_path / 'mlruns.db'}")  # the fallback next to the journal
     assert steps == [1, 2, 3, 4, 5, 6] and run.data.params["lr"] == "0.1" and run.info.status == "FINISHED"
     assert (tmp_path / "journal.jsonl").is_file()  # kept for the next run to send to the server
+    # the run record points at the run that holds the records: the local one
+    record = json.loads((tmp_path / "record.json").read_text())
+    assert record["run_id"] == run.info.run_id and record["tracking_uri"].endswith("mlruns.db")
 
     # the next run of the same bundle, with the server up, sends what the first one could not
     port = free_port()
