@@ -2,7 +2,8 @@
 
 Run in the MONAI Label environment (``make monailabel-env``; MONAI Label cannot share the main venv)::
 
-    .venv-monailabel/bin/monailabel start_server --app apps/monailabel --studies /path/to/images \\
+    .venv-monailabel/bin/python -m monailabel.main start_server --app apps/monailabel \\
+        --studies /path/to/images \\
         --conf models kvasir_gaze --conf checkpoint runs/gaze1/models/model.pt \\
         --conf overrides '{"image_size":[128,128]}'
 
@@ -15,7 +16,8 @@ Conf keys (``--conf KEY VALUE``):
 
 Each bundle is staged (configs + checkpoint) under ``<app>/model/<name>`` and served by MONAI
 Label's own ``BundleInferTask``, which runs the bundle's ``inference.json``: ``POST
-/infer/kvasir_gaze?image=<id>`` returns the mask (0 background, 1 polyp) at the image's size.
+/infer/kvasir_gaze?image=<id>`` returns the mask as a PNG (0 background, 1 polyp: the label values
+``/info`` lists) at the image's size, whatever the image's format.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ logger = logging.getLogger(__name__)
 REPO_BUNDLES = Path(__file__).resolve().parents[2] / "bundles"
 #: label value of the foreground in the masks the bundles write, by bundle
 FOREGROUND = {"kvasir_gaze": "polyp", "prostate_gaze": "prostate"}
+#: result formats that would change label values (MONAI Label's default is the input's format)
+LOSSY = {".jpg", ".jpeg", ".jpe", ".jfif", ".webp"}
 
 
 class MonaiLabelMaskd(MapTransform):
@@ -73,6 +77,21 @@ class GazeBundleInferTask(BundleInferTask):
 
     def post_transforms(self, data=None):
         return list(super().post_transforms(data)) + [MonaiLabelMaskd(keys=self.key_pred)]
+
+    def writer(self, data, extension=None, dtype=None):
+        """Write the mask losslessly, with exactly the label values in ``/info``.
+
+        MONAI Label writes a result in its input's format unless told otherwise: a JPEG for a
+        Kvasir ``.jpg``, whose compression invents label values and moves edges. A 2-D mask is a
+        ``uint8`` PNG here, unless the request asks for another lossless format (``result_extension``
+        such as ``.nii.gz``); a lossy one asked for (``.jpg``) is replaced by PNG, with a warning.
+        """
+        asked = extension or data.get("result_extension")
+        if not asked or str(asked).lower() in LOSSY:
+            if asked:
+                logger.warning("result_extension %s is lossy: the mask is written as PNG", asked)
+            asked = ".png"
+        return super().writer(data, extension=asked, dtype=dtype or "uint8")
 
 
 class GazeMonaiApp(MONAILabelApp):
