@@ -7,6 +7,7 @@ Commands::
     gazemonai register      --bundle-dir DIR --name NAME [--checkpoint PT] [--alias champion]
     gazemonai evaluate      --model models:/NAME@ALIAS --dataset-dir DIR --out DIR [--eval-split test]
     gazemonai predict       --model models:/NAME@ALIAS --images DIR --out DIR
+    gazemonai export        --bundle-dir DIR --checkpoint PT --out DIR [--format torchscript,onnx]
     gazemonai prepare-slices --out DIR (--nifti-images DIR --nifti-masks DIR
                                         | --dicom-root DIR --labels-root DIR)
 
@@ -27,7 +28,16 @@ from pathlib import Path
 
 from .errors import GazemonaiError, InvalidInputError
 
-__all__ = ["evaluate", "main", "predict", "prepare_slices", "pseudo_masks", "register", "simulate_gaze"]
+__all__ = [
+    "evaluate",
+    "export",
+    "main",
+    "predict",
+    "prepare_slices",
+    "pseudo_masks",
+    "register",
+    "simulate_gaze",
+]
 
 logger = logging.getLogger("gazemonai")
 
@@ -418,6 +428,43 @@ def predict(model: str, images: str, out: str, tracking_uri: str | None = None, 
     print(json.dumps({"model": model, "out": str(folder), "masks": len(written)}))
 
 
+def export(
+    bundle_dir: str,
+    out: str,
+    checkpoint: str | None = None,
+    format="torchscript,onnx",
+    override: dict | None = None,
+):
+    """Export a trained bundle's network as TorchScript (model.ts) and ONNX (model.onnx), any image size.
+
+    Uses MONAI's ckpt_export and onnx_export; each file is loaded back and compared with the eager
+    network (the bundle's image_size and 50x70) before this reports success. The bundle's
+    configs/inference_torchscript.json and inference_onnx.json run inference with them.
+
+    Args:
+        bundle_dir: bundle folder with configs/inference.json, e.g. bundles/kvasir_gaze.
+        out: folder for the files, e.g. the training's models/ folder.
+        checkpoint: trained weights (default BUNDLE_DIR/models/model.pt).
+        format: torchscript, onnx, or both separated by a comma.
+        override: inference.json values (default: the recorded training's), e.g. "{'image_size': [96, 96]}".
+    """
+    from .serve.export import export_bundle
+
+    formats = format if isinstance(format, (list, tuple)) else str(format).split(",")
+    formats = tuple(str(f).strip().lower() for f in formats if str(f).strip())
+    results = export_bundle(
+        _text_option("bundle_dir", bundle_dir, False),
+        _output_folder("out", out),
+        checkpoint=_text_option("checkpoint", checkpoint),
+        formats=formats,
+        overrides=_dict_option("override", override) or None,
+    )
+    for fmt, result in results.items():
+        difference = result["max_abs_difference"]
+        print(f"{fmt}: {result['path']} (largest difference from the eager network: {difference})")
+    print(json.dumps(results))
+
+
 def prepare_slices(
     out: str,
     nifti_images: str | None = None,
@@ -492,6 +539,7 @@ COMMANDS = {
     "register": register,
     "evaluate": evaluate,
     "predict": predict,
+    "export": export,
     "prepare-slices": prepare_slices,
 }
 

@@ -230,6 +230,8 @@ class FeatureUNet(nn.Module):
         )
         self.classifier = Conv[Conv.CONV, spatial_dims](self.feature_channels, out_channels, kernel_size=1)
 
+    __jit_unused_properties__ = ["bottleneck"]  # TorchScript export (gazemonai.serve.export)
+
     @property
     def bottleneck(self) -> nn.Module:
         """The U-Net's deepest encoder block, whose weights (and weight gradients) are the largest.
@@ -238,10 +240,13 @@ class FeatureUNet(nn.Module):
         """
         return self.backbone.down_4
 
-    def forward(self, x: torch.Tensor, return_features: bool = False):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.backbone(x))
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits, feature map)``: the feature map feeds the feature propagation."""
         feat = self.backbone(x)
-        logits = self.classifier(feat)
-        return (logits, feat) if return_features else logits
+        return self.classifier(feat), feat
 
 
 class MultiLevelNet(nn.Module):
@@ -304,10 +309,11 @@ class MultiLevelNet(nn.Module):
         net = self.levels[level]
         if not propagate:
             return net(x), None
-        logits, feat = net(x, return_features=True)
+        logits, feat = net.forward_features(x)
         if not self.propagate_logits:
             return logits, net.classifier(self.propagation(feat, self.kernel_size, self.dilation))
-        values = getattr(nn.functional, f"conv{feat.dim() - 2}d")(feat, net.classifier.weight)  # W f, no bias
+        conv = nn.functional.conv2d if feat.dim() == 4 else nn.functional.conv3d
+        values = conv(feat, net.classifier.weight)  # W f, no bias
         prop = self.propagation(feat, self.kernel_size, self.dilation, values=values)
         bias = net.classifier.bias
         return logits, prop if bias is None else prop + bias.view((1, -1) + (1,) * (feat.dim() - 2))

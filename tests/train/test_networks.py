@@ -98,7 +98,7 @@ def test_feature_unet_and_multilevel_outputs():
     assert torch.allclose(torch.stack(train["level_logits"]).mean(0), ens, atol=1e-6)
     assert torch.allclose(stack[:, 1:].mean(1, keepdim=True), ens, atol=1e-6)
     assert len(train["prop_logits"]) == 3 and train["prop_logits"][0].shape == (2, 1, 32, 32)
-    logits, feat = net.levels[0](x, return_features=True)
+    logits, feat = net.levels[0].forward_features(x)
     assert feat.shape == (2, 4, 32, 32)
     with pytest.raises(ValueError, match="output must be"):
         net(x, output="nope")
