@@ -8,6 +8,7 @@ Commands::
     gazemonai evaluate      --model models:/NAME@ALIAS --dataset-dir DIR --out DIR [--eval-split test]
     gazemonai predict       --model models:/NAME@ALIAS --images DIR --out DIR
     gazemonai export        --bundle-dir DIR --checkpoint PT --out DIR [--format torchscript,onnx]
+    gazemonai report        --dataset-dir DIR --gaze-csv CSV --run-dir RUN --bundle-dir DIR --out DIR
     gazemonai prepare-slices --out DIR (--nifti-images DIR --nifti-masks DIR
                                         | --dicom-root DIR --labels-root DIR)
 
@@ -36,6 +37,7 @@ __all__ = [
     "prepare_slices",
     "pseudo_masks",
     "register",
+    "report",
     "simulate_gaze",
 ]
 
@@ -465,6 +467,80 @@ def export(
     print(json.dumps(results))
 
 
+def report(
+    dataset_dir: str,
+    out: str,
+    gaze_csv: str | None = None,
+    run_dir: str | None = None,
+    bundle_dir: str | None = None,
+    checkpoint: str | None = None,
+    model: str | None = None,
+    metrics: str | None = None,
+    tracking_uri: str | None = None,
+    run_id: str | None = None,
+    preset: str = "kvasir",
+    ids=None,
+    samples: int = 6,
+    seed: int = 0,
+):
+    """Pictures of a run: gaze -> pseudo-masks -> prediction vs ground truth, curves, Dice; one HTML page.
+
+    Writes OUT/samples/<id>.png, OUT/curves.png, OUT/dice.png and OUT/report.html (self-contained).
+    With --run-dir (a training's bundle_root) the checkpoint, the MLflow run and the newest
+    evaluation report (outputs/metrics_*.json) are found there.
+
+    Args:
+        dataset_dir: data folder with images/ (and masks/).
+        out: report folder.
+        gaze_csv: fixation CSV (the gaze panels).
+        run_dir: a training's bundle_root: models/model.pt, models/mlflow_run.json, outputs/metrics_*.json.
+        bundle_dir: the checkpoint's bundle, e.g. bundles/kvasir_gaze (for the prediction).
+        checkpoint: trained weights (default RUN_DIR/models/model.pt).
+        model: a registered model instead, e.g. models:/kvasir_gaze@champion.
+        metrics: an evaluation report (default: RUN_DIR's newest outputs/metrics_*.json).
+        tracking_uri: MLflow store of the run and registry (default: the run record's).
+        run_id: MLflow run for the curves (default: the run record's).
+        preset: pseudo-mask parameters, kvasir or prostate.
+        ids: images to draw, e.g. "[cju0qkwl35piu0993l0dewei2]" (default: SAMPLES chosen).
+        samples: how many images to draw.
+        seed: seed of the choice.
+    """
+    from .report import write_report
+    from .serve.staging import read_run_record
+
+    record = None
+    if run_dir is not None:
+        run = Path(_input_folder("run_dir", run_dir))
+        checkpoint = checkpoint or (str(run / "models" / "model.pt") if model is None else None)
+        record = read_run_record(run / "models" / "model.pt")
+        if metrics is None:
+            found = sorted((run / "outputs").glob("metrics_*.json"), key=lambda p: p.stat().st_mtime)
+            metrics = str(found[-1]) if found else None
+    if record is not None:
+        tracking_uri = tracking_uri or record["tracking_uri"]
+        run_id = run_id or record["run_id"]
+    if ids is not None and not isinstance(ids, (list, tuple)):
+        ids = [ids]
+    samples = _number_option("samples", samples)
+    result = write_report(
+        out=_output_folder("out", out),
+        dataset_dir=_input_folder("dataset_dir", dataset_dir),
+        gaze_csv=_text_option("gaze_csv", gaze_csv),
+        preset=_text_option("preset", preset, False),
+        ids=[str(i) for i in ids] if ids is not None else None,
+        samples=int(samples),
+        seed=int(_number_option("seed", seed, positive=False)),
+        checkpoint=_text_option("checkpoint", checkpoint),
+        bundle_dir=_text_option("bundle_dir", bundle_dir),
+        model_uri=_text_option("model", model),
+        tracking_uri=_text_option("tracking_uri", tracking_uri),
+        run_id=_text_option("run_id", run_id),
+        metrics=_text_option("metrics", metrics),
+    )
+    print(f"report of {len(result['samples'])} images, {len(result['pictures'])} pictures: {result['html']}")
+    print(json.dumps(result))
+
+
 def prepare_slices(
     out: str,
     nifti_images: str | None = None,
@@ -540,6 +616,7 @@ COMMANDS = {
     "evaluate": evaluate,
     "predict": predict,
     "export": export,
+    "report": report,
     "prepare-slices": prepare_slices,
 }
 
