@@ -9,6 +9,7 @@ Commands::
     gazemonai predict       --model models:/NAME@ALIAS --images DIR --out DIR
     gazemonai export        --bundle-dir DIR --checkpoint PT --out DIR [--format torchscript,onnx]
     gazemonai report        --dataset-dir DIR --gaze-csv CSV --run-dir RUN --bundle-dir DIR --out DIR
+    gazemonai segment-volume --volume MR.nii.gz --out MASK.nii.gz --bundle-dir DIR --checkpoint PT
     gazemonai prepare-slices --out DIR (--nifti-images DIR --nifti-masks DIR
                                         | --dicom-root DIR --labels-root DIR)
 
@@ -38,6 +39,7 @@ __all__ = [
     "pseudo_masks",
     "register",
     "report",
+    "segment_volume",
     "simulate_gaze",
 ]
 
@@ -467,6 +469,46 @@ def export(
     print(json.dumps(results))
 
 
+def segment_volume(
+    volume: str,
+    out: str,
+    bundle_dir: str | None = None,
+    checkpoint: str | None = None,
+    model: str | None = None,
+    tracking_uri: str | None = None,
+):
+    """Segment an MR volume slice by slice with the prostate model: a mask volume with its geometry.
+
+    Args:
+        volume: NIfTI / NRRD / MHA file, or a DICOM series folder.
+        out: mask file, e.g. mask.nii.gz (0 background, 1 gland; the volume's spacing, origin, direction).
+        bundle_dir: the checkpoint's bundle, e.g. bundles/prostate_gaze.
+        checkpoint: trained weights, e.g. runs/prostate/models/model.pt.
+        model: a registered model instead, e.g. models:/prostate_gaze@champion.
+        tracking_uri: the registry (default $MLFLOW_TRACKING_URI).
+    """
+    import tempfile
+
+    from .serve.registry import bundle_predictor
+    from .serve.volume import segment_volume as segment
+
+    path = Path(_text_option("volume", volume, False))
+    if not path.exists():
+        raise InvalidInputError(f"--volume {path}: no such file or DICOM folder")
+    out = _output_file("out", out)
+    with tempfile.TemporaryDirectory() as tmp:
+        predictor = bundle_predictor(
+            Path(tmp),
+            checkpoint=_text_option("checkpoint", checkpoint),
+            bundle_dir=_text_option("bundle_dir", bundle_dir),
+            model_uri=_text_option("model", model),
+            tracking_uri=_text_option("tracking_uri", tracking_uri),
+        )
+        summary = segment(path, out, predictor)
+    print(f"{summary['slices_with_mask']} of {summary['shape'][0]} slices segmented -> {out}")
+    print(json.dumps(summary))
+
+
 def report(
     dataset_dir: str,
     out: str,
@@ -617,6 +659,7 @@ COMMANDS = {
     "predict": predict,
     "export": export,
     "report": report,
+    "segment-volume": segment_volume,
     "prepare-slices": prepare_slices,
 }
 

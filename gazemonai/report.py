@@ -259,42 +259,6 @@ def _choose_ids(candidates: list[str], report: dict | None, count: int, seed: in
     return [candidates[i] for i in sorted(chosen)]
 
 
-def _predictor(checkpoint, bundle_dir, model_uri, tracking_uri, tmp: Path):
-    """A function image -> 0/1 mask running the bundle's inference.json pieces, or ``None``."""
-    if checkpoint is None and model_uri is None:
-        return None
-    from .serve.registry import BundlePyfuncModel, download_registered_bundle
-    from .serve.staging import MODEL_SETTINGS, read_run_record, stage_bundle, trained_settings
-
-    if model_uri is not None:
-        staged = download_registered_bundle(model_uri, tmp, tracking_uri)
-    else:
-        if bundle_dir is None:
-            raise InvalidInputError(
-                "a checkpoint needs its bundle: give --bundle-dir (e.g. bundles/kvasir_gaze)"
-            )
-        trained = trained_settings(read_run_record(checkpoint))
-        overrides = {k: trained[k] for k in MODEL_SETTINGS if k in trained}
-        staged = stage_bundle(bundle_dir, tmp / "bundle", checkpoint, overrides or None)
-    model = BundlePyfuncModel()
-
-    class _Context:
-        artifacts = {"bundle": str(staged)}
-
-    model.load_context(_Context())
-
-    def predict(image: np.ndarray) -> np.ndarray:
-        """The image as read (RGB uint8 or single-channel raw values) -> (H, W) 0/1 mask."""
-        a = np.asarray(image)
-        if model.in_channels == 1:
-            batch = (a if a.ndim == 2 else a[..., 0])[None].astype(np.float32)
-        else:
-            batch = (a if a.ndim == 3 else np.repeat(a[..., None], model.in_channels, axis=-1))[None]
-        return model.predict(None, batch)[0]
-
-    return predict
-
-
 def _embed(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
@@ -390,7 +354,12 @@ def write_report(
 
     pictures, sections, captions = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
-        predict = _predictor(checkpoint, bundle_dir, model_uri, tracking_uri, Path(tmp))
+        predict = None
+        if checkpoint is not None or model_uri is not None:
+            from .serve.registry import bundle_predictor
+
+            model = bundle_predictor(Path(tmp), checkpoint, bundle_dir, model_uri, tracking_uri)
+            predict = model.predict_image
         for image_id in ids:
             image = read_image(resolve_in_folder(images_dir, image_id))
             sample = Sample(image_id, image, by_stem.get(image_id))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import locale
 import os
 import socket
 import subprocess
@@ -10,6 +11,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +50,8 @@ def wait_http(url: str, proc: subprocess.Popen, seconds: float = 120) -> None:
     deadline = time.time() + seconds
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
+            errors = proc.stderr.read()[-2000:] if proc.stderr else "(see its log)"
+            raise RuntimeError(f"server exited with {proc.returncode}: {errors}")
         try:
             with urllib.request.urlopen(url, timeout=2):
                 return
@@ -80,3 +83,23 @@ def mlflow_runs(db: Path, experiment: str):
     exp = client.get_experiment_by_name(experiment)
     assert exp is not None, f"no MLflow experiment {experiment!r} in {db}"
     return client.search_runs([exp.experiment_id])
+
+
+def write_dicom_series(folder, image, spacing=3.0):
+    """One DICOM file per slice, with the position and instance number a scanner writes."""
+    import itk
+
+    folder.mkdir(parents=True)
+    saved = locale.setlocale(locale.LC_ALL)  # GDCM's writer leaves the C library's locale at "C"
+    for i, plane in enumerate(image):
+        img = itk.image_from_array(np.ascontiguousarray(plane))
+        tags = img.GetMetaDataDictionary()
+        tags["0020|0032"] = f"0\\0\\{spacing * i}"  # ImagePositionPatient
+        tags["0020|0037"] = "1\\0\\0\\0\\1\\0"  # ImageOrientationPatient
+        tags["0020|0013"] = str(i + 1)  # InstanceNumber
+        tags["0008|0060"] = "MR"
+        tags["0020|000d"], tags["0020|000e"] = "1.2.826.0.1.1", "1.2.826.0.1.1.1"  # study, series
+        io = itk.GDCMImageIO.New()
+        io.KeepOriginalUIDOn()
+        itk.imwrite(img, str(folder / f"IM{i:04d}.dcm"), imageio=io)
+    locale.setlocale(locale.LC_ALL, saved)

@@ -37,6 +37,7 @@ __all__ = [
     "nci_isbi_cases",
     "nifti_cases",
     "read_volume",
+    "read_volume_image",
     "parse_slice_name",
     "slice_name",
     "patient_of",
@@ -265,11 +266,25 @@ def read_volume(path: str | os.PathLike) -> np.ndarray:
     Raises:
         InvalidInputError: the volume cannot be read in full, or is not a 3-D single-channel volume.
     """
+    return read_volume_image(path)[1]
+
+
+def read_volume_image(path: str | os.PathLike):
+    """``(itk image, (slices, rows, columns) array)`` of a volume, checked as :func:`read_volume` does.
+
+    The ITK image carries the geometry (spacing, origin, direction) a mask written for the volume
+    needs. A folder is the one folder under it (itself included) holding a DICOM series, e.g. a
+    patient's folder as the scanner exports it.
+    """
     import itk
 
     path = Path(path)
     slices = None
     if path.is_dir():
+        series = _dicom_series_dir(path)
+        if series is None:
+            raise MissingInputError(f"no DICOM files (*.dcm, *.ima or with a DICM preamble) under {path}")
+        path = series
         slices = _check_dicom_series(path)
     elif _strip_nifti(path.name):
         _check_nifti(path)
@@ -288,7 +303,7 @@ def read_volume(path: str | os.PathLike) -> np.ndarray:
         )
     if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
         raise InvalidInputError(f"volume {path} has NaN or infinite voxels")
-    return array
+    return image, array
 
 
 def scale_to_uint8(volume: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndarray:

@@ -47,6 +47,7 @@ from .staging import (
 
 __all__ = [
     "BundlePyfuncModel",
+    "bundle_predictor",
     "download_registered_bundle",
     "log_bundle_model",
     "register_bundle",
@@ -116,6 +117,15 @@ class BundlePyfuncModel(PythonModel):
                 + f", got {images.shape}"
             )
         return images
+
+    def predict_image(self, image: np.ndarray) -> np.ndarray:
+        """One image as read from its file (RGB ``uint8``, or single-channel raw values) -> (H, W) 0/1."""
+        a = np.asarray(image)
+        if self.in_channels == 1:
+            batch = (a if a.ndim == 2 else a[..., 0])[None].astype(np.float32)
+        else:
+            batch = (a if a.ndim == 3 else np.repeat(a[..., None], self.in_channels, axis=-1))[None]
+        return self.predict(None, batch)[0]
 
     def predict(self, context, model_input, params=None) -> np.ndarray:
         import torch
@@ -525,3 +535,42 @@ def run_registered_bundle(
             **overrides,
         )
         return out
+
+
+def bundle_predictor(
+    dest: str | os.PathLike,
+    checkpoint: str | os.PathLike | None = None,
+    bundle_dir: str | os.PathLike | None = None,
+    model_uri: str | None = None,
+    tracking_uri: str | None = None,
+) -> BundlePyfuncModel:
+    """A loaded :class:`BundlePyfuncModel` from a checkpoint and its bundle, or from a registered model.
+
+    A checkpoint is staged with the settings its recorded training used (``models/mlflow_run.json``).
+
+    Args:
+        dest: a folder for the staged or downloaded bundle (kept while the model is used).
+        checkpoint: trained weights (with ``bundle_dir``).
+        bundle_dir: the checkpoint's bundle, e.g. ``bundles/prostate_gaze``.
+        model_uri: a registered model instead (``models:/NAME@ALIAS``).
+        tracking_uri: the registry (default ``MLFLOW_TRACKING_URI``).
+    """
+    dest = Path(dest)
+    if model_uri is not None:
+        staged = download_registered_bundle(model_uri, dest, tracking_uri)
+    elif checkpoint is not None:
+        if bundle_dir is None:
+            raise InvalidInputError("a checkpoint needs its bundle: give --bundle-dir (bundles/<name>)")
+        bundle, ckpt = locate_bundle(bundle_dir, checkpoint)
+        trained = trained_settings(read_run_record(ckpt))
+        overrides = {k: trained[k] for k in MODEL_SETTINGS if k in trained}
+        return _load_staged(bundle, ckpt, overrides or None, dest)[1]
+    else:
+        raise InvalidInputError("which model? give a checkpoint (--checkpoint, --bundle-dir) or --model")
+    model = BundlePyfuncModel()
+
+    class _Context:
+        artifacts = {"bundle": str(staged)}
+
+    model.load_context(_Context())
+    return model

@@ -2,13 +2,12 @@
 
 import csv
 import json
-import locale
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from helpers import NCI_CSV, ROOT, SHARED_DATA, need
+from helpers import NCI_CSV, ROOT, SHARED_DATA, need, write_dicom_series
 from PIL import Image
 
 from gazemonai.prep.slices import (
@@ -33,26 +32,6 @@ def volume(seed: int, shape=(6, 12, 10)):
     label[3, 4:9, 3:8] = 1
     label[4, 5:8, 1:4] = 2
     return image, label
-
-
-def write_dicom_series(folder, image, spacing=3.0):
-    """One DICOM file per slice, with the position and instance number a scanner writes."""
-    import itk
-
-    folder.mkdir(parents=True)
-    saved = locale.setlocale(locale.LC_ALL)  # GDCM's writer leaves the C library's locale at "C"
-    for i, plane in enumerate(image):
-        img = itk.image_from_array(np.ascontiguousarray(plane))
-        tags = img.GetMetaDataDictionary()
-        tags["0020|0032"] = f"0\\0\\{spacing * i}"  # ImagePositionPatient
-        tags["0020|0037"] = "1\\0\\0\\0\\1\\0"  # ImageOrientationPatient
-        tags["0020|0013"] = str(i + 1)  # InstanceNumber
-        tags["0008|0060"] = "MR"
-        tags["0020|000d"], tags["0020|000e"] = "1.2.826.0.1.1", "1.2.826.0.1.1.1"  # study, series
-        io = itk.GDCMImageIO.New()
-        io.KeepOriginalUIDOn()
-        itk.imwrite(img, str(folder / f"IM{i:04d}.dcm"), imageio=io)
-    locale.setlocale(locale.LC_ALL, saved)
 
 
 def write_nrrd(path, label):
