@@ -135,6 +135,7 @@ def split_datalist(
     test_split: str = "test.txt",
     limit: int | None = None,
     group: str | None = None,
+    supervision: str = "gaze",
 ) -> list[dict]:
     """The datalist of one part: ``"train"`` / ``"val"`` (seeded split of ``train_split``), ``"test"``.
 
@@ -148,7 +149,10 @@ def split_datalist(
         test_split: file of test ids.
         limit: keep the first ``limit`` items (quick trials, tests).
         group: ``"patient"`` for a patient-disjoint validation split (slice ids ``<PatientID>_<k>``).
+        supervision: ``"full"`` trains on the masks: ``gaze_csv`` is not read (a full run needs none).
     """
+    if supervision == "full":
+        gaze_csv = None
     if part in ("train", "val"):
         train_ids, val_ids = validation_split(read_split(dataset_dir, train_split), val_fraction, seed, group)
         ids = train_ids if part == "train" else val_ids

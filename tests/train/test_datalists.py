@@ -2,6 +2,7 @@
 
 import pytest
 
+from gazemonai.errors import MissingInputError
 from gazemonai.prep.slices import patient_of
 from gazemonai.train.datalists import gaze_datalist, read_split, split_datalist, validation_split
 
@@ -27,6 +28,16 @@ def test_datalists(synthetic_root):
         gaze_datalist(synthetic_root, ["synth_000", "ghost"])
     with pytest.raises(FileNotFoundError, match="split file not found"):
         split_datalist(synthetic_root, "nope.txt")
+
+
+def test_full_supervision_reads_no_fixations(synthetic_root, tmp_path):
+    """A run on the masks needs no gaze CSV: the (default, absent) one is not read."""
+    items = split_datalist(synthetic_root, "train", tmp_path / "absent.csv", 0.25, supervision="full")
+    gaze = split_datalist(synthetic_root, "train", synthetic_root / "gaze.csv", 0.25)
+    assert [i["id"] for i in items] == [i["id"] for i in gaze] and len(items) == 3
+    assert all("fixations" not in i for i in items) and all("fixations" in i for i in gaze)
+    with pytest.raises(MissingInputError, match="absent.csv"):
+        split_datalist(synthetic_root, "train", tmp_path / "absent.csv", 0.25)
 
 
 def test_patient_disjoint_validation_split():
