@@ -32,6 +32,37 @@ def test_metadata_is_valid_against_shipped_schema(name):
     assert "metadata is verified with no error" in proc.stdout + proc.stderr
 
 
+#: metadata.json keys the MONAI bundle specification (docs/source/mb_specification.rst) makes mandatory
+SPEC_KEYS = {
+    "version", "monai_version", "pytorch_version", "numpy_version", "optional_packages_version", "task",
+    "description", "authors", "copyright", "network_data_format",
+}  # fmt: skip
+TENSOR_KEYS = {
+    "type", "format", "modality", "num_channels", "spatial_shape", "dtype", "value_range", "is_patch_data",
+    "channel_def",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["kvasir_gaze", "prostate_gaze"])
+def test_metadata_has_what_the_current_bundle_spec_asks(name):
+    import gazemonai
+
+    meta = json.loads((ROOT / "bundles" / name / "configs" / "metadata.json").read_text())
+    assert SPEC_KEYS <= meta.keys(), SPEC_KEYS - meta.keys()
+    assert meta["version"] in meta["changelog"]  # the current version says what changed
+    assert meta["required_packages_version"]["gazemonai"] == gazemonai.__version__
+    for kind, tensors in meta["network_data_format"].items():
+        for tensor in tensors.values():
+            assert TENSOR_KEYS <= tensor.keys(), (kind, TENSOR_KEYS - tensor.keys())
+            # "[MIN, MAX]" or "[]" if not known: logits (and z-scored images) have no bounds
+            assert tensor["value_range"] == [] or len(tensor["value_range"]) == 2
+    assert meta["network_data_format"]["outputs"]["pred"]["value_range"] == []
+    # the figures are the measured ones the bundle's README reports
+    readme = (ROOT / "bundles" / name / "docs" / "README.md").read_text()
+    figures = [f"{v:.3f}".rstrip("0") for v in meta["eval_metrics"].values()]
+    assert figures and all(f in readme for f in figures), figures
+
+
 def _strings(node):
     if isinstance(node, dict):
         for k, v in node.items():
