@@ -6,6 +6,8 @@ BIN    := $(VENV)/bin
 # A CPU build of torch; unpinned, pip picks a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 DEMO_DIR ?= demo_output
+# test processes (pytest-xdist); a test file stays in one process, so its fixtures are made once
+TEST_WORKERS ?= 2
 
 # MONAI Label cannot share .venv (monailabel 0.8.5 pins numpy<2 through pydicom-seg and pulls sam2 and a
 # CUDA torch): it gets its own environment with only what its server needs, and talks to us over HTTP.
@@ -34,7 +36,7 @@ demo: venv
 
 test: venv monailabel-env
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: venv
 	$(BIN)/ruff check .
