@@ -22,6 +22,7 @@ from ..errors import InvalidInputError, MissingInputError
 from ..gaze.fixations import read_fixation_csv
 from ..prep.io import read_ids, resolve_in_folder, validate_image_name
 from ..prep.slices import patient_of
+from .hybrid import strong_ids_of
 
 __all__ = ["read_split", "validation_split", "gaze_datalist", "split_datalist"]
 
@@ -136,6 +137,9 @@ def split_datalist(
     limit: int | None = None,
     group: str | None = None,
     supervision: str = "gaze",
+    strong_fraction: float | None = None,
+    strong_ids: Sequence[str] | None = None,
+    strong_only: bool = False,
 ) -> list[dict]:
     """The datalist of one part: ``"train"`` / ``"val"`` (seeded split of ``train_split``), ``"test"``.
 
@@ -150,6 +154,10 @@ def split_datalist(
         limit: keep the first ``limit`` items (quick trials, tests).
         group: ``"patient"`` for a patient-disjoint validation split (slice ids ``<PatientID>_<k>``).
         supervision: ``"full"`` trains on the masks: ``gaze_csv`` is not read (a full run needs none).
+        strong_fraction, strong_ids: hybrid supervision (:mod:`gazemonai.train.hybrid`): the
+            training images with full masks, a seeded fraction (``seed``) or named; the training
+            items get ``strong`` (1 or 0) and ``index`` (their position, the instance weights' key).
+        strong_only: train on the full-mask images only (the "full masks on 10 %" baseline).
     """
     if supervision == "full":
         gaze_csv = None
@@ -162,6 +170,17 @@ def split_datalist(
         ids = read_split(dataset_dir, part)
     if limit is not None:
         ids = ids[: int(limit)]
+    strong = None
+    if part == "train" and (strong_fraction is not None or strong_ids is not None):
+        strong = {Path(i).stem for i in strong_ids_of(ids, strong_fraction, seed, strong_ids)}
+        if strong_only:
+            ids = [i for i in ids if Path(i).stem in strong]
+    elif strong_only:
+        raise InvalidInputError("strong_only needs strong_fraction or strong_ids")
     items = gaze_datalist(dataset_dir, ids, gaze_csv)
+    if strong is not None:
+        for index, item in enumerate(items):
+            item["strong"], item["index"] = int(item["id"] in strong), index
+        logger.info("%s: %d of %d images with full masks", part, sum(i["strong"] for i in items), len(items))
     logger.info("%s: %d items from %s", part, len(items), dataset_dir)
     return items

@@ -1,6 +1,7 @@
 """Engine pieces the bundles' MONAI trainers and evaluators use.
 
-* :func:`num_levels` / :func:`level_label_key`: one ``supervision`` switch (``gaze`` or ``full``).
+* :func:`num_levels` / :func:`level_label_key`: one ``supervision`` switch (``gaze``, ``full``, or
+  ``hybrid``: a few full masks and gaze for the rest, :mod:`gazemonai.train.hybrid`).
 * :class:`MultiLevelPrepareBatch` hands the trainer/evaluator the image, the level targets and the
   network output mode (``output="train"`` for the loss, ``"stack"`` for per-level evaluation).
 * :class:`AutocastInferer`: the network under ``torch.autocast`` on any device (bf16 on CPUs too).
@@ -29,7 +30,7 @@ __all__ = [
     "SUPERVISION_MODES",
 ]
 
-SUPERVISION_MODES = ("gaze", "full")
+SUPERVISION_MODES = ("gaze", "full", "hybrid")
 
 
 def _check_mode(supervision: str) -> str:
@@ -39,20 +40,21 @@ def _check_mode(supervision: str) -> str:
 
 
 def num_levels(supervision: str, thresholds: Sequence[float]) -> int:
-    """Level networks for a supervision mode: one per threshold with gaze, one with full masks."""
-    return len(thresholds) if _check_mode(supervision) == "gaze" else 1
+    """Level networks for a supervision mode: one per threshold with gaze and hybrid, one with full masks."""
+    return 1 if _check_mode(supervision) == "full" else len(thresholds)
 
 
 def level_label_key(supervision: str, pseudo_key: str = "pseudo_label", label_key: str = "label") -> str:
-    """The data key the training loss reads: the stacked pseudo-masks with gaze, the mask with full."""
-    return pseudo_key if _check_mode(supervision) == "gaze" else label_key
+    """The key the training loss reads: the stacked level targets (gaze, hybrid), the mask (full)."""
+    return label_key if _check_mode(supervision) == "full" else pseudo_key
 
 
 class MultiLevelPrepareBatch(PrepareBatch):
     """Batch preparation for :class:`~gazemonai.train.networks.MultiLevelNet` in a MONAI engine.
 
     Returns ``(image, target, (), {"output": output})`` so the engine's inferer calls
-    ``network(image, output=output)``.
+    ``network(image, output=output)``. With ``extra_keys`` the target is a dict,
+    ``{"target": target, key: batch[key], ...}`` (hybrid supervision: ``("strong", "index")``).
 
     Args:
         label_key: the target key: ``"pseudo_label"`` (B, N, H, W) for gaze, ``"label"`` for full
@@ -60,14 +62,20 @@ class MultiLevelPrepareBatch(PrepareBatch):
         image_key: the image key.
         output: network output mode (``"train"`` for the loss, ``"stack"`` for per-level metrics,
             ``"ensemble"`` for plain prediction).
+        extra_keys: further batch keys the loss reads beside the target.
     """
 
     def __init__(
-        self, label_key: str = "pseudo_label", image_key: str = CommonKeys.IMAGE, output: str = "train"
+        self,
+        label_key: str = "pseudo_label",
+        image_key: str = CommonKeys.IMAGE,
+        output: str = "train",
+        extra_keys: Sequence[str] = (),
     ):
         self.label_key = label_key
         self.image_key = image_key
         self.output = output
+        self.extra_keys = tuple(extra_keys)
 
     def __call__(
         self, batchdata: dict, device: str | torch.device | None = None, non_blocking: bool = False, **kwargs
@@ -76,6 +84,12 @@ class MultiLevelPrepareBatch(PrepareBatch):
             raise KeyError(f"batch has no {self.label_key!r} (keys: {', '.join(map(str, batchdata))})")
         image = batchdata[self.image_key].to(device=device, non_blocking=non_blocking, **kwargs)
         target = batchdata[self.label_key].to(device=device, non_blocking=non_blocking, **kwargs)
+        if self.extra_keys:
+            missing = [k for k in self.extra_keys if k not in batchdata]
+            if missing:
+                raise KeyError(f"batch has no {missing} (keys: {', '.join(map(str, batchdata))})")
+            extra = {k: torch.as_tensor(batchdata[k]).to(device=device) for k in self.extra_keys}
+            target = {"target": target, **extra}
         return image, target, (), {"output": self.output}
 
 

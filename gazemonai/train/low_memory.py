@@ -217,6 +217,11 @@ class LevelwiseTrainStep:
                 "the levelwise step cannot train a DistributedDataParallel network (each backward "
                 "reaches one level only); use train_step 'joint' for multi-GPU training"
             )
+        if not hasattr(engine.loss_function, "level_terms"):
+            raise InvalidInputError(
+                f"the levelwise step needs a loss that splits into level shares (MultiLevelGazeLoss), "
+                f"not {type(engine.loss_function).__name__} (hybrid supervision: use train_step 'joint')"
+            )
         if getattr(engine, "amp", False):
             raise InvalidInputError(
                 "the levelwise step does not run AMP (GradScaler): set amp false and use an autocast "

@@ -268,6 +268,10 @@ class MultiLevelNet(nn.Module):
         output: default output, ``"ensemble"`` (B, 1, ...) mean logits — what inference, MONAI Label
             and export see; ``"stack"`` (B, 1 + N, ...) the mean then each level's logits (evaluation
             per level); ``"train"`` a dict with ``logits``, ``level_logits`` and ``prop_logits``.
+        return_features: ``output="train"`` also gives ``features``, each level's feature map
+            feeding its classifier (the hybrid mode's per-instance gradients,
+            :mod:`gazemonai.train.hybrid`); off by default, as an inferer casting outputs to float32
+            would copy them.
         unet_kwargs: passed to each :class:`FeatureUNet` (``in_channels``, ``features``, ...).
     """
 
@@ -282,6 +286,7 @@ class MultiLevelNet(nn.Module):
         kernel_size: int = 5,
         dilation: int = 2,
         output: str = "ensemble",
+        return_features: bool = False,
         **unet_kwargs,
     ) -> None:
         super().__init__()
@@ -302,21 +307,26 @@ class MultiLevelNet(nn.Module):
         self.kernel_size = kernel_size
         self.dilation = dilation
         self.output = output
+        self.return_features = bool(return_features)
 
     def forward_level(self, x: torch.Tensor, level: int, propagate: bool | None = None):
         """Level ``level``'s ``(logits, propagated logits or None)`` (one network of the N)."""
+        return self._train_level(x, level, propagate)[:2]
+
+    def _train_level(self, x: torch.Tensor, level: int, propagate: bool | None = None):
+        """``(logits, propagated logits or None, the feature map feeding the classifier)``."""
         propagate = self.propagate if propagate is None else propagate
         net = self.levels[level]
-        if not propagate:
-            return net(x), None
         logits, feat = net.forward_features(x)
+        if not propagate:
+            return logits, None, feat
         if not self.propagate_logits:
-            return logits, net.classifier(self.propagation(feat, self.kernel_size, self.dilation))
+            return logits, net.classifier(self.propagation(feat, self.kernel_size, self.dilation)), feat
         conv = nn.functional.conv2d if feat.dim() == 4 else nn.functional.conv3d
         values = conv(feat, net.classifier.weight)  # W f, no bias
         prop = self.propagation(feat, self.kernel_size, self.dilation, values=values)
         bias = net.classifier.bias
-        return logits, prop if bias is None else prop + bias.view((1, -1) + (1,) * (feat.dim() - 2))
+        return logits, prop if bias is None else prop + bias.view((1, -1) + (1,) * (feat.dim() - 2)), feat
 
     def forward(self, x: torch.Tensor, output: str | None = None):
         output = output or self.output
@@ -326,14 +336,16 @@ class MultiLevelNet(nn.Module):
             level_logits = [level(x) for level in self.levels]
             mean = torch.stack(level_logits).mean(0)
             return mean if output == "ensemble" else torch.cat([mean, *level_logits], dim=1)
-        level_logits, prop_logits = [], []
+        level_logits, prop_logits, features = [], [], []
         for i in range(self.num_levels):
-            logits, prop = self.forward_level(x, i)
+            logits, prop, feat = self._train_level(x, i)
             level_logits.append(logits)
+            features.append(feat)
             if prop is not None:
                 prop_logits.append(prop)
         return {
             "logits": torch.stack(level_logits).mean(0),
             "level_logits": level_logits,
             "prop_logits": prop_logits,
+            **({"features": features} if self.return_features else {}),
         }

@@ -23,7 +23,7 @@ from ..gaze.pseudo_masks import MIN_MAX_SIDE
 __all__ = ["check_settings", "exit_on_bad_settings"]
 
 _CHOICES = {
-    "supervision": ("gaze", "full"),
+    "supervision": ("gaze", "full", "hybrid"),
     "consistency": ("prop", "pure", "none"),
     "compute_dtype": ("bfloat16", "float16", "float32", None),
     "train_step": ("joint", "levelwise"),
@@ -89,6 +89,8 @@ def check_settings(
     seed=None,
     dataset_dir=None,
     gaze_csv=None,
+    hybrid_config=None,
+    strong_fraction=None,
     **choices,
 ) -> None:
     """Check a bundle's settings; raise on the first bad one, naming it.
@@ -103,7 +105,9 @@ def check_settings(
         gaze_sigma: > 0. crf_max_side: an integer >= 16, or ``None`` (full resolution).
         features: six BasicUNet widths, integers >= 1.
         limit: an integer >= 1, or ``None``.
-        dataset_dir: an existing folder. gaze_csv: an existing file (gaze supervision).
+        dataset_dir: an existing folder. gaze_csv: an existing file (gaze and hybrid supervision).
+        hybrid_config: true where ``hybrid.json`` is in the config list (``supervision`` ``hybrid``
+            needs it). strong_fraction: in (0, 1], or ``None`` (``strong_ids`` given instead).
         choices: ``supervision``, ``consistency``, ``compute_dtype``, ``train_step``, ``level_init`` (one
             of their values), ``step_in_backward`` and ``release_memory`` (true/false).
 
@@ -162,9 +166,17 @@ def check_settings(
             raise TypeError(f"check_settings() got an unexpected setting {name!r}")
     if dataset_dir is not None and not Path(dataset_dir).is_dir():
         raise MissingInputError(f"dataset_dir {os.fspath(dataset_dir)!r} is not a folder")
-    if gaze_csv is not None and choices.get("supervision", "gaze") == "gaze" and not Path(gaze_csv).is_file():
+    if strong_fraction is not None:
+        _number("strong_fraction", strong_fraction, "in (0, 1]", lambda x: 0 < x <= 1)
+    supervision = choices.get("supervision", "gaze")
+    if supervision == "hybrid" and not hybrid_config:
+        raise InvalidInputError(
+            "supervision 'hybrid' needs configs/hybrid.json in the config list "
+            "(it sets the full-mask images, the loss and the instance weights)"
+        )
+    if gaze_csv is not None and supervision in ("gaze", "hybrid") and not Path(gaze_csv).is_file():
         raise MissingInputError(
-            f"gaze_csv {os.fspath(gaze_csv)!r} does not exist (gaze supervision reads it)"
+            f"gaze_csv {os.fspath(gaze_csv)!r} does not exist ({supervision} supervision reads it)"
         )
 
 
