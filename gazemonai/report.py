@@ -178,7 +178,7 @@ def curves_figure(tracking_uri: str, run_id: str):
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     run = client.get_run(run_id)
     keys = sorted(run.data.metrics)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2))
     loss_ax, dice_ax, lr_ax = axes
     epochs = _history(client, run_id, "val_mean_dice")[0]
     steps, loss = _history(client, run_id, "train_loss")
@@ -190,7 +190,7 @@ def curves_figure(tracking_uri: str, run_id: str):
             s, v = _history(client, run_id, key)
             loss_ax.plot(s, v, linewidth=1.2, label=key.replace("train_loss_", ""))
     loss_ax.set(title="training loss", xlabel="epoch")
-    loss_ax.legend(fontsize=6, ncol=2)
+    loss_ax.legend(fontsize=6, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.2))  # below the curves
     for key in keys:
         if key == "val_mean_dice" or key.startswith("val_dice_level_"):
             s, v = _history(client, run_id, key)
@@ -231,6 +231,7 @@ def dice_figure(report: dict):
             **style,
         )
     ax.set(xlabel="Dice", ylabel="images", title=f"per-image Dice, {report.get('images', len(rows))} images")
+    ax.yaxis.get_major_locator().set_params(integer=True)  # image counts
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     return fig

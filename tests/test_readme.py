@@ -219,6 +219,7 @@ def test_every_readme_command_runs_as_written(checkout, tmp_path):
         "runs/kvasir/models/model.ts", "runs/kvasir/models/model.onnx", "runs/kvasir/report/report.html",
         "runs/kvasir_ddp/outputs/metrics_val.json", "runs/kvasir_full/models/model.pt",
         "runs/kvasir_paper_lowmem/models/model.pt", "pseudo_masks/kvasir/manifest.json",
+        "runs/kvasir_hybrid/models/model.pt", "runs/kvasir_full10/models/model.pt",
         "pseudo_masks/p158/manifest.json", "data/nci_slices/train.txt",
         "runs/prostate/outputs/metrics_test.json", "runs/prostate/020_gland.nii.gz",
     ):  # fmt: skip
