@@ -28,6 +28,7 @@ __all__ = [
     "num_levels",
     "level_label_key",
     "SUPERVISION_MODES",
+    "set_determinism",
 ]
 
 SUPERVISION_MODES = ("gaze", "full", "hybrid")
@@ -91,6 +92,27 @@ class MultiLevelPrepareBatch(PrepareBatch):
             extra = {k: torch.as_tensor(batchdata[k]).to(device=device) for k in self.extra_keys}
             target = {"target": target, **extra}
         return image, target, (), {"output": self.output}
+
+
+def set_determinism(seed: int | None, cudnn_benchmark: bool = True) -> None:
+    """MONAI's ``set_determinism(seed)``, with cuDNN's autotuner left on unless asked otherwise.
+
+    MONAI seeds every random stream and, for CUDA, picks deterministic cuDNN algorithms with the
+    autotuner off (``cudnn.benchmark = False``), which keeps GPU users off the fastest convolution
+    algorithms. Here the streams are seeded the same way; with ``cudnn_benchmark`` (the bundles'
+    default) cuDNN picks its fastest algorithms, so a GPU run may differ from another in the last
+    bits (CPU runs are unaffected: they stay identical run to run). ``False`` is MONAI's behaviour.
+
+    Args:
+        seed: the seed (``None``: MONAI's, no seeding).
+        cudnn_benchmark: let cuDNN autotune (``torch.backends.cudnn.benchmark``).
+    """
+    from monai.utils import set_determinism as monai_set_determinism
+
+    monai_set_determinism(seed=seed)
+    if cudnn_benchmark:
+        torch.backends.cudnn.deterministic = False
+        torch.backends.cudnn.benchmark = True
 
 
 def _to_float(x):

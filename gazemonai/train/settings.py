@@ -109,7 +109,7 @@ def check_settings(
         hybrid_config: true where ``hybrid.json`` is in the config list (``supervision`` ``hybrid``
             needs it). strong_fraction: in (0, 1], or ``None`` (``strong_ids`` given instead).
         choices: ``supervision``, ``consistency``, ``compute_dtype``, ``train_step``, ``level_init`` (one
-            of their values), ``step_in_backward`` and ``release_memory`` (true/false).
+            of their values), ``step_in_backward``, ``release_memory``, ``cudnn_benchmark`` (true/false).
 
     Raises:
         InvalidInputError: a setting with a bad value (a ``ValueError``).
@@ -159,7 +159,7 @@ def check_settings(
             if value not in _CHOICES[name]:
                 allowed = ", ".join(repr(c) for c in _CHOICES[name] if c is not None)
                 raise InvalidInputError(f"{name} must be one of {allowed}, got {value!r}")
-        elif name in ("step_in_backward", "release_memory"):
+        elif name in ("step_in_backward", "release_memory", "cudnn_benchmark"):
             if not isinstance(value, bool):
                 raise InvalidInputError(f"{name} must be true or false, got {value!r}")
         else:

@@ -40,3 +40,23 @@ def test_supervision_switch():
     assert level_label_key("full") == "label" and level_label_key("gaze") == "pseudo_label"
     with pytest.raises(ValueError, match="supervision"):
         num_levels("boxes", (0.5,))
+
+
+@pytest.mark.parametrize("benchmark", [True, False])
+def test_seeding_leaves_cudnn_autotuning_on_unless_asked(benchmark):
+    """MONAI's set_determinism turns cuDNN's autotuner off; the bundles' default keeps it for GPU users."""
+    import random
+
+    from gazemonai.train.engine import set_determinism
+
+    saved = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
+    try:
+        set_determinism(7, cudnn_benchmark=benchmark)
+        first = (random.random(), torch.rand(1).item())
+        assert torch.backends.cudnn.benchmark is benchmark
+        assert torch.backends.cudnn.deterministic is (not benchmark)
+        set_determinism(7, cudnn_benchmark=benchmark)
+        assert (random.random(), torch.rand(1).item()) == first  # the streams are seeded all the same
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved
+        set_determinism(None, cudnn_benchmark=False)

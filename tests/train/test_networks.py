@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from gazemonai.train import networks
 from gazemonai.train.networks import (
     FeatureUNet,
     MultiLevelNet,
@@ -14,11 +15,15 @@ from gazemonai.train.networks import (
 SLIM = (4, 4, 8, 8, 16, 4)
 
 
-def test_propagation_matches_unfold_reference_and_its_gradient():
+@pytest.mark.parametrize("chunk", [None, 1, 0], ids=["cpu-default", "row-by-row", "whole (the GPU path)"])
+def test_propagation_matches_unfold_reference_and_its_gradient(chunk, monkeypatch):
+    if chunk is not None:  # the product of the similarities chunked row by row, or in one piece as on a GPU
+        monkeypatch.setattr(networks, "CPU_DOT_CHUNK", chunk)
     torch.manual_seed(0)
     f = torch.randn(2, 5, 11, 9, dtype=torch.float64, requires_grad=True)
     assert torch.allclose(feature_propagation(f), feature_propagation_unfold(f), atol=1e-12)
-    assert torch.autograd.gradcheck(lambda x: feature_propagation(x, 5, 2), (f,))
+    if chunk is None:  # the gradient against finite differences once; against the reference's below
+        assert torch.autograd.gradcheck(lambda x: feature_propagation(x, 5, 2), (f,))
     g = torch.randn(2, 5, 11, 9, dtype=torch.float64)
     (a,) = torch.autograd.grad((feature_propagation(f) * g).sum(), f)
     (b,) = torch.autograd.grad((feature_propagation_unfold(f) * g).sum(), f)
