@@ -31,6 +31,9 @@ _CHOICES = {
 }
 
 
+_BOOLEANS = ("step_in_backward", "release_memory", "cudnn_benchmark", "strong_only", "dii", "dcr")
+
+
 def _is_int(value) -> bool:
     return isinstance(value, Integral) and not isinstance(value, bool)
 
@@ -109,7 +112,8 @@ def check_settings(
         hybrid_config: true where ``hybrid.json`` is in the config list (``supervision`` ``hybrid``
             needs it). strong_fraction: in (0, 1], or ``None`` (``strong_ids`` given instead).
         choices: ``supervision``, ``consistency``, ``compute_dtype``, ``train_step``, ``level_init`` (one
-            of their values), ``step_in_backward``, ``release_memory``, ``cudnn_benchmark`` (true/false).
+            of their values), ``step_in_backward``, ``release_memory``, ``cudnn_benchmark``, ``strong_only``,
+            ``dii``, ``dcr`` (booleans: ``True``/``False`` on the command line; ``false`` is a string).
 
     Raises:
         InvalidInputError: a setting with a bad value (a ``ValueError``).
@@ -159,9 +163,10 @@ def check_settings(
             if value not in _CHOICES[name]:
                 allowed = ", ".join(repr(c) for c in _CHOICES[name] if c is not None)
                 raise InvalidInputError(f"{name} must be one of {allowed}, got {value!r}")
-        elif name in ("step_in_backward", "release_memory", "cudnn_benchmark"):
-            if not isinstance(value, bool):
-                raise InvalidInputError(f"{name} must be true or false, got {value!r}")
+        elif name in _BOOLEANS:
+            if not isinstance(value, bool):  # `--dii false` arrives as the string 'false', which is truthy
+                hint = f"on the command line: --{name} True or False"
+                raise InvalidInputError(f"{name} must be true or false ({hint}), got {value!r}")
         else:
             raise TypeError(f"check_settings() got an unexpected setting {name!r}")
     if dataset_dir is not None and not Path(dataset_dir).is_dir():

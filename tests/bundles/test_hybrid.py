@@ -69,7 +69,7 @@ def test_full_masks_on_the_strong_images_only(synthetic_root, tmp_path):
     out = tmp_path / "run"
     bundle("--config_file", configs("kvasir_gaze", "train.json", "hybrid.json"), "--bundle_root", out,
            "--dataset_dir", synthetic_root, *SMALL, "--epochs", 1, "--supervision", "full",
-           "--strong_only", "true", "--strong_fraction", "0.67")  # fmt: skip
+           "--strong_only", "True", "--strong_fraction", "0.67")  # fmt: skip
     (run,) = mlflow_runs(out / "outputs" / "mlruns.db", "kvasir_gaze")
     assert run.data.params["num_levels"] == "1" and "train_loss_dcr_1" not in run.data.metrics
     assert torch.load(out / "models" / "latest.pt", weights_only=True)["dii"]["weights"].shape == (2,)
@@ -80,6 +80,7 @@ def test_full_masks_on_the_strong_images_only(synthetic_root, tmp_path):
     [
         (["--supervision", "hybrid"], "supervision 'hybrid' needs configs/hybrid.json"),
         (["--strong_fraction", "0"], "strong_fraction must be a number in (0, 1], got 0"),
+        (["--dii", "false"], "dii must be true or false (on the command line: --dii True or False)"),
     ],
 )
 def test_bad_hybrid_settings_are_one_line(args, words, synthetic_root, tmp_path):
