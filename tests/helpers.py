@@ -103,3 +103,18 @@ def write_dicom_series(folder, image, spacing=3.0):
         io.KeepOriginalUIDOn()
         itk.imwrite(img, str(folder / f"IM{i:04d}.dcm"), imageio=io)
     locale.setlocale(locale.LC_ALL, saved)
+
+
+def invoke_served_model(port: int, timeout: float = 120) -> np.ndarray:
+    """POST a (1, 40, 48, 3) image with a bright box to ``mlflow models serve`` on ``port``: its masks."""
+    import json
+
+    image = np.zeros((1, 40, 48, 3), np.uint8)
+    image[0, 10:30, 12:36] = 200
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/invocations",
+        data=json.dumps({"inputs": image.tolist()}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as r:
+        return np.asarray(json.loads(r.read())["predictions"])

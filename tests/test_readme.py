@@ -21,12 +21,11 @@ import re
 import shutil
 import signal
 import subprocess
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import ROOT, wait_http, write_dicom_series
+from helpers import ROOT, invoke_served_model, wait_http, write_dicom_series
 
 READMES = ["README.md", "bundles/kvasir_gaze/docs/README.md", "bundles/prostate_gaze/docs/README.md"]
 NOT_RUN = {"make demo", "make test"}  # CI's own commands, see the module docstring
@@ -153,15 +152,7 @@ def _run_server(script: str, port: int, route: str, cwd: Path, env: dict, log: P
                 print(out.read()[-4000:])
                 raise
             if route == "/ping":  # the served model answers, too
-                image = np.zeros((1, 40, 48, 3), np.uint8)
-                image[0, 10:30, 12:36] = 200
-                request = urllib.request.Request(
-                    f"http://127.0.0.1:{port}/invocations",
-                    data=json.dumps({"inputs": image.tolist()}).encode(),
-                    headers={"Content-Type": "application/json"},
-                )
-                with urllib.request.urlopen(request, timeout=120) as r:
-                    masks = np.asarray(json.loads(r.read())["predictions"])
+                masks = invoke_served_model(port)
                 assert masks.shape == (1, 40, 48) and set(np.unique(masks)) <= {0, 1}
         finally:
             os.killpg(proc.pid, signal.SIGTERM)

@@ -5,12 +5,11 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import ROOT, free_port, wait_http
+from helpers import ROOT, free_port, invoke_served_model, wait_http
 from PIL import Image
 
 BUNDLE = ROOT / "bundles" / "kvasir_gaze"
@@ -100,16 +99,7 @@ def test_mlflow_models_serve_answers_over_http(mlflow_server, kvasir_checkpoint,
     )  # fmt: skip
     try:
         wait_http(f"http://127.0.0.1:{port}/ping", proc)
-        image = np.zeros((1, 40, 48, 3), np.uint8)
-        image[0, 10:30, 12:36] = 200
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{port}/invocations",
-            data=json.dumps({"inputs": image.tolist()}).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(req, timeout=60) as r:
-            answer = json.loads(r.read())
-        pred = np.asarray(answer["predictions"])
+        pred = invoke_served_model(port)
         assert pred.shape == (1, 40, 48) and set(np.unique(pred)) <= {0, 1}
     finally:
         proc.terminate()
