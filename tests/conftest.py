@@ -38,13 +38,13 @@ def trained_kvasir(tmp_path_factory, synthetic_root):
 
     Trained at 32x32 with narrow widths, so whatever serves it must use the recorded settings.
     """
-    from helpers import bundle
+    from helpers import TRAINED, bundle
 
     root = tmp_path_factory.mktemp("trained") / "kvasir"
     bundle(
         "--config_file", ROOT / "bundles" / "kvasir_gaze" / "configs" / "train.json",
         "--bundle_root", root, "--dataset_dir", synthetic_root, "--gaze_csv", synthetic_root / "gaze.csv",
-        "--val_fraction", "0.5", "--epochs", 2, "--image_size", "[32,32]", "--features", "[8,8,16,16,32,8]",
+        "--val_fraction", "0.5", "--epochs", 2, *TRAINED,
         "--batch_size", 2, "--num_workers", 0, "--cache_workers", 1,
     )  # fmt: skip
     return root

@@ -70,6 +70,15 @@ def run_module(module: str, *args, ok: bool = True, env: dict | None = None) -> 
     return proc
 
 
+def cli(*args) -> subprocess.CompletedProcess:
+    """``python -m gazemonai ARGS`` as a user runs it; the caller checks the exit status."""
+    return run_module("gazemonai", *args, ok=False)
+
+
+#: the settings the ``trained_kvasir`` fixture trains with, which serving it must be told (or recall)
+TRAINED = ["--image_size", "[32,32]", "--features", "[8,8,16,16,32,8]"]
+
+
 def bundle(*args, ok: bool = True) -> subprocess.CompletedProcess:
     """``python -m monai.bundle run ARGS``."""
     return run_module("monai.bundle", "run", *args, ok=ok)

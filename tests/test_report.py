@@ -3,25 +3,16 @@
 import json
 import re
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from helpers import ROOT, bundle
+from helpers import ROOT, TRAINED, bundle, cli
 from PIL import Image
 
 from gazemonai.gaze.fixations import ImageFixations
 from gazemonai.report import Sample, sample_figure
 
 KVASIR = ROOT / "bundles" / "kvasir_gaze"
-TRAINED = ["--image_size", "[32,32]", "--features", "[8,8,16,16,32,8]"]  # the trained_kvasir fixture's
-
-
-def cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "gazemonai", *map(str, args)], capture_output=True, text=True, cwd=ROOT
-    )
 
 
 def test_a_sample_figure_puts_each_fixation_where_it_was_looked_at():

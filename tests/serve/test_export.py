@@ -2,13 +2,11 @@
 
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, bundle
+from helpers import ROOT, TRAINED, bundle, cli
 from PIL import Image
 
 from gazemonai.serve.export import ExportableMultiLevelNet
@@ -16,13 +14,6 @@ from gazemonai.train.networks import MultiLevelNet
 
 KVASIR = ROOT / "bundles" / "kvasir_gaze"
 PROSTATE = ROOT / "bundles" / "prostate_gaze"
-TRAINED = ["--image_size", "[32,32]", "--features", "[8,8,16,16,32,8]"]  # the trained_kvasir fixture's
-
-
-def cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "gazemonai", *map(str, args)], capture_output=True, text=True, cwd=ROOT
-    )
 
 
 def test_the_exportable_network_is_the_trained_one_for_any_size():

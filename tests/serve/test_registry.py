@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import ROOT, free_port, invoke_served_model, wait_http
+from helpers import ROOT, cli, free_port, invoke_served_model, wait_http
 from PIL import Image
 
 BUNDLE = ROOT / "bundles" / "kvasir_gaze"
@@ -33,12 +33,6 @@ def mlflow_server(tmp_path_factory):
     finally:
         proc.terminate()
         proc.wait(30)
-
-
-def cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "gazemonai", *map(str, args)], capture_output=True, text=True, cwd=ROOT
-    )
 
 
 def test_register_load_predict_matches_bundle_inference(

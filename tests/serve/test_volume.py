@@ -1,25 +1,17 @@
 """An MR volume in, a NIfTI mask out on the volume's grid: the prostate model slice by slice."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from helpers import PROSTATE158, ROOT, bundle, need, write_dicom_series
+from helpers import PROSTATE158, ROOT, bundle, cli, need, write_dicom_series
 from PIL import Image
 
 PROSTATE = ROOT / "bundles" / "prostate_gaze"
 SPACING, ORIGIN = (0.7, 0.6, 3.0), (10.0, -20.0, 5.0)  # ITK order: x, y, z
 # a rotation about z by 30 degrees: direction cosines a viewer must keep
 DIRECTION = np.array([[0.8660254, -0.5, 0.0], [0.5, 0.8660254, 0.0], [0.0, 0.0, 1.0]])
-
-
-def cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "gazemonai", *map(str, args)], capture_output=True, text=True, cwd=ROOT
-    )
 
 
 def _write(array: np.ndarray, path, like=None):
