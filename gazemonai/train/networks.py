@@ -309,7 +309,7 @@ class MultiLevelNet(nn.Module):
         if output not in self.OUTPUTS:
             raise InvalidInputError(f"output must be one of {self.OUTPUTS}, got {output!r}")
         self.num_levels = int(num_levels)
-        self.levels = nn.ModuleList(FeatureUNet(**unet_kwargs) for _ in range(self.num_levels))
+        self.levels = nn.ModuleList(self.make_level(**unet_kwargs) for _ in range(self.num_levels))
         if init == "copy":
             for level in self.levels[1:]:
                 level.load_state_dict(self.levels[0].state_dict())
@@ -321,15 +321,28 @@ class MultiLevelNet(nn.Module):
         self.output = output
         self.return_features = bool(return_features)
 
+    def make_level(self, **unet_kwargs) -> nn.Module:
+        """One level network (a :class:`FeatureUNet`); subclasses build another kind here."""
+        return FeatureUNet(**unet_kwargs)
+
+    def level_inputs(self, x: torch.Tensor) -> tuple:
+        """What each level network is called with, computed once per batch for all levels: ``(x,)``.
+
+        :class:`~gazemonai.train.prompt.PromptedMultiLevelNet` adds the image-label prompt's pyramid.
+        """
+        return (x,)
+
     def forward_level(self, x: torch.Tensor, level: int, propagate: bool | None = None):
         """Level ``level``'s ``(logits, propagated logits or None)`` (one network of the N)."""
         return self._train_level(x, level, propagate)[:2]
 
-    def _train_level(self, x: torch.Tensor, level: int, propagate: bool | None = None):
+    def _train_level(
+        self, x: torch.Tensor, level: int, propagate: bool | None = None, inputs: tuple | None = None
+    ):
         """``(logits, propagated logits or None, the feature map feeding the classifier)``."""
         propagate = self.propagate if propagate is None else propagate
         net = self.levels[level]
-        logits, feat = net.forward_features(x)
+        logits, feat = net.forward_features(*(self.level_inputs(x) if inputs is None else inputs))
         if not propagate:
             return logits, None, feat
         if not self.propagate_logits:
@@ -344,13 +357,14 @@ class MultiLevelNet(nn.Module):
         output = output or self.output
         if output not in self.OUTPUTS:
             raise InvalidInputError(f"output must be one of {self.OUTPUTS}, got {output!r}")
+        inputs = self.level_inputs(x)
         if output != "train":
-            level_logits = [level(x) for level in self.levels]
+            level_logits = [level(*inputs) for level in self.levels]
             mean = torch.stack(level_logits).mean(0)
             return mean if output == "ensemble" else torch.cat([mean, *level_logits], dim=1)
         level_logits, prop_logits, features = [], [], []
         for i in range(self.num_levels):
-            logits, prop, feat = self._train_level(x, i)
+            logits, prop, feat = self._train_level(x, i, inputs=inputs)
             level_logits.append(logits)
             features.append(feat)
             if prop is not None:
