@@ -28,7 +28,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import GazemonaiError, InvalidInputError
+from .errors import GazemonaiError, InvalidInputError, MissingInputError
 
 __all__ = [
     "evaluate",
@@ -651,6 +651,115 @@ def prepare_slices(
     print(json.dumps(summary))
 
 
+def _manifest_cases(dataset_dir: Path, patients) -> list:
+    """The :class:`VolumeCase` s of ``patients`` from a ``prepare-slices`` folder's manifest."""
+    from .prep.slices import VolumeCase
+
+    manifest = dataset_dir / "manifest.json"
+    if not manifest.is_file():
+        raise MissingInputError(
+            f"{manifest} not found: --kind slices reads the volumes of a `gazemonai prepare-slices` folder"
+        )
+    cases = json.loads(manifest.read_text(encoding="utf-8")).get("cases", {})
+    out = []
+    for patient in patients:
+        if patient not in cases:
+            raise InvalidInputError(f"{manifest}: patient {patient} of train.txt has no entry under 'cases'")
+        paths = []
+        for key in ("image", "label"):
+            given = Path(cases[patient][key])
+            found = next((c for c in (given, dataset_dir / given) if c.exists()), None)
+            if found is None:
+                raise MissingInputError(
+                    f"{manifest}: patient {patient}'s {key} volume {given} not found "
+                    f"(from here or from {dataset_dir})"
+                )
+            paths.append(found)
+        out.append(VolumeCase(patient, paths[0], paths[1]))
+    return out
+
+
+def derive_image_labels(
+    dataset_dir: str,
+    out: str,
+    kind: str = "crops",
+    val_fraction: float | None = None,
+    seed: int = 0,
+    crop_fraction: float = 0.5,
+    min_cover: float = 0.5,
+    size: int = 128,
+):
+    """Make image-level labels (stage 1 of the image-label prompt) from a dataset's masks.
+
+    Only the training images of the segmentation split are read: train.txt minus the seeded
+    validation split the bundles use (--val-fraction, --seed), so stage 1 never sees a validation
+    or test image.
+
+    --kind crops (Kvasir-SEG-style DATASET_DIR/images, masks, train.txt): every image shows a
+    polyp, so for each a square crop covering >= --min-cover of the polyp (class polyp) and one
+    with no polyp pixel (class no_polyp) are cut, side --crop-fraction of the shorter side, chosen
+    with the mask (seeded), written --size pixels square.
+
+    --kind slices (a `gazemonai prepare-slices` folder): every axial slice of the training
+    patients' volumes (not only those with gland), labelled gland / no_gland by the mask.
+
+    Writes OUT/<class>/*.png, OUT/labels.csv (image,label,group) and OUT/manifest.json.
+
+    Args:
+        dataset_dir: the dataset folder.
+        out: output folder (new or empty).
+        kind: "crops" or "slices".
+        val_fraction: the bundles' validation share (default 0.1 for crops, 0.34 of patients for
+            slices, as kvasir_gaze and prostate_gaze).
+        seed: the bundles' split seed, and the crops' placement seed.
+        crop_fraction: crop side over the image's shorter side (crops).
+        min_cover: share of the polyp a positive crop covers (crops).
+        size: side of the written crops in pixels (crops).
+    """
+    from .prep.image_labels import derive_crop_labels, derive_slice_labels
+    from .prep.slices import patient_of
+    from .train.datalists import read_split, validation_split
+
+    dataset_dir = Path(_input_folder("dataset_dir", dataset_dir))
+    out = _text_option("out", out, False)
+    if kind not in ("crops", "slices"):
+        raise InvalidInputError(f"--kind must be 'crops' or 'slices', got {kind!r}")
+    seed = _int_option("seed", seed, 0, optional=False)
+    if val_fraction is None:
+        val_fraction = 0.1 if kind == "crops" else 0.34
+    val_fraction = _number_option("val_fraction", val_fraction)
+    group = None if kind == "crops" else "patient"
+    if kind == "slices" and not (dataset_dir / "manifest.json").is_file():
+        raise MissingInputError(
+            f"{dataset_dir / 'manifest.json'} not found: --kind slices reads the volumes of a "
+            "`gazemonai prepare-slices` folder"
+        )
+    train_ids, val_ids = validation_split(read_split(dataset_dir, "train.txt"), val_fraction, seed, group)
+    _output_folder("out", out, create=False)
+    if kind == "crops":
+        size = _int_option("size", size, 8, optional=False)
+        summary = derive_crop_labels(
+            dataset_dir,
+            train_ids,
+            out,
+            crop_fraction=_number_option("crop_fraction", crop_fraction),
+            min_cover=_number_option("min_cover", min_cover),
+            size=size,
+            seed=seed,
+        )
+        source = f"{len(train_ids)} training images (validation {len(val_ids)} left out)"
+    else:
+        patients = sorted({patient_of(i) for i in train_ids})
+        summary = derive_slice_labels(_manifest_cases(dataset_dir, patients), out)
+        held_out = ", ".join(sorted({patient_of(i) for i in val_ids}))
+        source = f"training patients {', '.join(patients)} (validation {held_out} left out)"
+    counts = ", ".join(f"{c} {n}" for c, n in summary["counts"].items())
+    print(f"image labels from {source}: {counts} -> {out}")
+    print(
+        json.dumps({k: v for k, v in summary.items() if k not in ("no_polyp_free_crop", "no_covering_crop")})
+    )
+
+
 COMMANDS = {
     "pseudo-masks": pseudo_masks,
     "simulate-gaze": simulate_gaze,
@@ -661,6 +770,7 @@ COMMANDS = {
     "report": report,
     "segment-volume": segment_volume,
     "prepare-slices": prepare_slices,
+    "derive-image-labels": derive_image_labels,
 }
 
 
