@@ -127,3 +127,26 @@ def invoke_served_model(port: int, timeout: float = 120) -> np.ndarray:
     )
     with urllib.request.urlopen(request, timeout=timeout) as r:
         return np.asarray(json.loads(r.read())["predictions"])
+
+
+def slice_named(root, out):
+    """``root``'s data set with slice names ``P<patient>_<k>`` (three patients), as prepare-slices writes."""
+    import shutil
+
+    names = {f"synth_{i:03d}": f"P{i // 2}_{i % 2 + 1}" for i in range(6)}
+    for folder in ("images", "masks"):
+        (out / folder).mkdir(parents=True)
+        for old, new in names.items():
+            shutil.copy(root / folder / f"{old}.png", out / folder / f"{new}.png")
+    for name in ("train.txt", "test.txt", "gaze.csv"):
+        text = (root / name).read_text()
+        for old, new in names.items():
+            text = text.replace(old, new)
+        (out / name).write_text(text)
+    return out
+
+
+def configs(name: str, *files: str) -> str:
+    """A `--config_file` list of bundle `name`'s config files."""
+    folder = ROOT / "bundles" / name / "configs"
+    return "[" + ",".join(f"'{folder / f}'" for f in files) + "]"

@@ -24,7 +24,7 @@ from ..prep.io import read_ids, resolve_in_folder, validate_image_name
 from ..prep.slices import patient_of
 from .hybrid import strong_ids_of
 
-__all__ = ["read_split", "validation_split", "gaze_datalist", "split_datalist"]
+__all__ = ["read_split", "validation_split", "gaze_datalist", "split_datalist", "image_label_datalist"]
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +140,8 @@ def split_datalist(
     strong_fraction: float | None = None,
     strong_ids: Sequence[str] | None = None,
     strong_only: bool = False,
+    train_fraction: float | None = None,
+    min_items: int | None = None,
 ) -> list[dict]:
     """The datalist of one part: ``"train"`` / ``"val"`` (seeded split of ``train_split``), ``"test"``.
 
@@ -158,6 +160,10 @@ def split_datalist(
             training images with full masks, a seeded fraction (``seed``) or named; the training
             items get ``strong`` (1 or 0) and ``index`` (their position, the instance weights' key).
         strong_only: train on the full-mask images only (the "full masks on 10 %" baseline).
+        train_fraction: train on a seeded share (``seed``) of the training images, in (0, 1]
+            (label-efficiency studies: the same seed gives the same images).
+        min_items: the least number of items the part may have: the trainer drops incomplete
+            batches, so a training part smaller than ``batch_size`` would train nothing (refused).
     """
     if supervision == "full":
         gaze_csv = None
@@ -170,6 +176,13 @@ def split_datalist(
         ids = read_split(dataset_dir, part)
     if limit is not None:
         ids = ids[: int(limit)]
+    if train_fraction is not None and part == "train":
+        if not 0.0 < float(train_fraction) <= 1.0:
+            raise InvalidInputError(f"train_fraction must be in (0, 1], got {train_fraction}")
+        order = np.random.default_rng([seed, 1]).permutation(len(ids))
+        keep = max(1, int(round(len(ids) * float(train_fraction))))
+        ids = sorted(ids[i] for i in order[:keep])
+        logger.info("train: %d of the training images (train_fraction %s)", len(ids), train_fraction)
     strong = None
     if part == "train" and (strong_fraction is not None or strong_ids is not None):
         strong = {Path(i).stem for i in strong_ids_of(ids, strong_fraction, seed, strong_ids)}
@@ -182,5 +195,51 @@ def split_datalist(
         for index, item in enumerate(items):
             item["strong"], item["index"] = int(item["id"] in strong), index
         logger.info("%s: %d of %d images with full masks", part, sum(i["strong"] for i in items), len(items))
+    if min_items is not None and len(items) < int(min_items):
+        raise InvalidInputError(
+            f"the {part} part of {dataset_dir} has {len(items)} image(s), fewer than the batch size "
+            f"{min_items}: the trainer drops incomplete batches, so nothing would train; lower --batch_size"
+        )
     logger.info("%s: %d items from %s", part, len(items), dataset_dir)
     return items
+
+
+def image_label_datalist(
+    source: str | os.PathLike,
+    part: str = "train",
+    classes: Sequence[str] = ("negative", "positive"),
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    limit: int | None = None,
+    min_items: int | None = None,
+) -> list[dict]:
+    """Stage-1 items ``{"image": path, "label": class index, "id": group}`` of image-level labels.
+
+    ``source`` is a class folder or an ``image,label[,group]`` CSV
+    (:func:`gazemonai.prep.image_labels.read_image_labels`). ``"train"`` and ``"val"`` are a seeded
+    split by group (``val_fraction`` of the groups: the crops of one image, the slices of one
+    patient stay on one side); ``"all"`` is everything. ``min_items`` as :func:`split_datalist`'s.
+    """
+    from ..prep.image_labels import read_image_labels
+
+    items = read_image_labels(source, classes)
+    if part != "all":
+        if part not in ("train", "val"):
+            raise InvalidInputError(f"part must be 'train', 'val' or 'all', got {part!r}")
+        groups = sorted({i.group for i in items})
+        if len(groups) < 2:
+            raise InvalidInputError(
+                f"image labels {os.fspath(source)!r}: a validation split needs 2 or more groups"
+            )
+        train, val = validation_split(groups, val_fraction, seed)
+        keep = set(train if part == "train" else val)
+        items = [i for i in items if i.group in keep]
+    if limit is not None:
+        items = items[: int(limit)]
+    if min_items is not None and len(items) < int(min_items):
+        raise InvalidInputError(
+            f"the {part} part of image labels {os.fspath(source)!r} has {len(items)} image(s), fewer than "
+            f"the batch size {min_items}: the trainer drops incomplete batches; lower --batch_size"
+        )
+    logger.info("image labels %s: %d items", part, len(items))
+    return [{"image": i.image, "label": i.label, "id": i.group} for i in items]

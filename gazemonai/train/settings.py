@@ -31,7 +31,15 @@ _CHOICES = {
 }
 
 
-_BOOLEANS = ("step_in_backward", "release_memory", "cudnn_benchmark", "strong_only", "dii", "dcr")
+_BOOLEANS = (
+    "step_in_backward",
+    "release_memory",
+    "cudnn_benchmark",
+    "strong_only",
+    "dii",
+    "dcr",
+    "freeze_prompt",
+)
 
 
 def _is_int(value) -> bool:
@@ -94,6 +102,10 @@ def check_settings(
     gaze_csv=None,
     hybrid_config=None,
     strong_fraction=None,
+    train_fraction=None,
+    image_labels=None,
+    image_label_classes=None,
+    prompt_checkpoint=None,
     **choices,
 ) -> None:
     """Check a bundle's settings; raise on the first bad one, naming it.
@@ -111,6 +123,10 @@ def check_settings(
         dataset_dir: an existing folder. gaze_csv: an existing file (gaze and hybrid supervision).
         hybrid_config: true where ``hybrid.json`` is in the config list (``supervision`` ``hybrid``
             needs it). strong_fraction: in (0, 1], or ``None`` (``strong_ids`` given instead).
+        train_fraction: in (0, 1], or ``None`` (all training images).
+        image_labels: the stage-1 image labels, an existing folder or CSV file.
+        image_label_classes: two different class names (negative, positive).
+        prompt_checkpoint: the stage-1 checkpoint stage 2 loads, an existing file.
         choices: ``supervision``, ``consistency``, ``compute_dtype``, ``train_step``, ``level_init`` (one
             of their values), ``step_in_backward``, ``release_memory``, ``cudnn_benchmark``, ``strong_only``,
             ``dii``, ``dcr`` (booleans: ``True``/``False`` on the command line; ``false`` is a string).
@@ -173,6 +189,29 @@ def check_settings(
         raise MissingInputError(f"dataset_dir {os.fspath(dataset_dir)!r} is not a folder")
     if strong_fraction is not None:
         _number("strong_fraction", strong_fraction, "in (0, 1]", lambda x: 0 < x <= 1)
+    if train_fraction is not None:
+        _number("train_fraction", train_fraction, "in (0, 1]", lambda x: 0 < x <= 1)
+    if image_label_classes is not None:
+        if not (
+            _is_list(image_label_classes)
+            and len(image_label_classes) == 2
+            and all(isinstance(c, str) and c for c in image_label_classes)
+            and image_label_classes[0] != image_label_classes[1]
+        ):
+            raise InvalidInputError(
+                f"image_label_classes must be two different class names (negative, positive), "
+                f"got {image_label_classes!r}"
+            )
+    if image_labels is not None and not Path(image_labels).exists():
+        raise MissingInputError(
+            f"image_labels {os.fspath(image_labels)!r} does not exist (a class folder or an image,label CSV; "
+            "`gazemonai derive-image-labels` makes one from masks)"
+        )
+    if prompt_checkpoint is not None and not Path(prompt_checkpoint).is_file():
+        raise MissingInputError(
+            f"prompt_checkpoint {os.fspath(prompt_checkpoint)!r} not found: train stage 1 first "
+            "(configs/prompt_stage1.json writes models/prompt_stage1/model.pt) or pass --prompt_checkpoint"
+        )
     supervision = choices.get("supervision", "gaze")
     if supervision == "hybrid" and not hybrid_config:
         raise InvalidInputError(

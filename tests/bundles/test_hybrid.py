@@ -4,32 +4,10 @@ import json
 
 import pytest
 import torch
-from helpers import ROOT, bundle, mlflow_runs
+from helpers import bundle, configs, mlflow_runs, slice_named
 
 SMALL = ["--image_size", "[32,32]", "--features", "[8,8,16,16,32,8]", "--batch_size", "2",
          "--num_workers", "0", "--cache_workers", "1", "--val_fraction", "0.34"]  # fmt: skip
-
-
-def slice_named(root, out):
-    """``root``'s data set with slice names ``P<patient>_<k>`` (three patients), as prepare-slices writes."""
-    import shutil
-
-    names = {f"synth_{i:03d}": f"P{i // 2}_{i % 2 + 1}" for i in range(6)}
-    for folder in ("images", "masks"):
-        (out / folder).mkdir(parents=True)
-        for old, new in names.items():
-            shutil.copy(root / folder / f"{old}.png", out / folder / f"{new}.png")
-    for name in ("train.txt", "test.txt", "gaze.csv"):
-        text = (root / name).read_text()
-        for old, new in names.items():
-            text = text.replace(old, new)
-        (out / name).write_text(text)
-    return out
-
-
-def configs(name: str, *files: str) -> str:
-    folder = ROOT / "bundles" / name / "configs"
-    return "[" + ",".join(f"'{folder / f}'" for f in files) + "]"
 
 
 @pytest.mark.parametrize("name", ["kvasir_gaze", "prostate_gaze"])

@@ -2,7 +2,7 @@
 
 import pytest
 
-from gazemonai.errors import MissingInputError
+from gazemonai.errors import InvalidInputError, MissingInputError
 from gazemonai.prep.slices import patient_of
 from gazemonai.train.datalists import gaze_datalist, read_split, split_datalist, validation_split
 
@@ -47,3 +47,33 @@ def test_patient_disjoint_validation_split():
     assert len({patient_of(i) for i in val}) == 2 and sorted(train + val) == sorted(ids)
     with pytest.raises(ValueError, match="2 or more patients"):
         validation_split(["P1_1", "P1_2"], 0.5, group="patient")
+
+
+def test_train_fraction_is_a_seeded_subset(synthetic_root):
+    full = split_datalist(synthetic_root, "train", val_fraction=0.25, seed=0, supervision="full")
+    half = split_datalist(
+        synthetic_root, "train", val_fraction=0.25, seed=0, supervision="full", train_fraction=0.5
+    )
+    assert len(full) == 3 and len(half) == 2  # round(3 x 0.5) = 2
+    assert {i["id"] for i in half} < {i["id"] for i in full}
+    again = split_datalist(
+        synthetic_root, "train", val_fraction=0.25, seed=0, supervision="full", train_fraction=0.5
+    )
+    assert again == half
+    val = split_datalist(
+        synthetic_root, "val", val_fraction=0.25, seed=0, supervision="full", train_fraction=0.5
+    )
+    assert len(val) == 1  # validation is never thinned
+    with pytest.raises(InvalidInputError, match="train_fraction must be in"):
+        split_datalist(synthetic_root, "train", val_fraction=0.25, supervision="full", train_fraction=0)
+
+
+def test_a_training_part_smaller_than_a_batch_is_refused(synthetic_root):
+    """The trainer drops incomplete batches: 3 images at batch size 4 would train nothing, silently."""
+    with pytest.raises(
+        InvalidInputError, match="has 3 image.*fewer than the batch size 4.*lower --batch_size"
+    ):
+        split_datalist(synthetic_root, "train", val_fraction=0.25, supervision="full", min_items=4)
+    assert (
+        len(split_datalist(synthetic_root, "train", val_fraction=0.25, supervision="full", min_items=3)) == 3
+    )

@@ -1,0 +1,101 @@
+"""The image-label prompt through `python -m monai.bundle run`: stage 1, stage 2, evaluation, refusals."""
+
+import json
+
+import pytest
+import torch
+from helpers import ROOT, bundle, cli, configs, mlflow_runs, slice_named
+
+SMALL = ["--image_size", "[32,32]", "--features", "[8,8,16,16,32,8]", "--batch_size", "2",
+         "--num_workers", "0", "--cache_workers", "1", "--val_fraction", "0.34"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["kvasir_gaze", "prostate_gaze"])
+def test_two_stages_train_and_evaluate(name, synthetic_root, tmp_path):
+    data = synthetic_root if name == "kvasir_gaze" else slice_named(synthetic_root, tmp_path / "slices")
+    labels = tmp_path / "labels"
+    derived = cli(
+        "derive-image-labels",
+        "--dataset-dir",
+        data,
+        "--out",
+        labels,
+        "--val-fraction",
+        "0.34",
+        "--size",
+        "32",
+    )
+    assert derived.returncode == 0, derived.stderr
+    out = tmp_path / "run"
+    channels = [] if name == "kvasir_gaze" else ["--in_channels", "3"]
+    common = ["--bundle_root", out, *SMALL, *channels]
+    classes = "['no_polyp','polyp']"  # the derived crops' classes (prostate_gaze defaults to gland slices)
+    bundle("--config_file", configs(name, "train.json", "prompt_stage1.json"), *common, "--epochs", 2,
+           "--image_labels", labels / "labels.csv", "--image_label_classes", classes)  # fmt: skip
+    stage1 = torch.load(out / "models" / "prompt_stage1" / "model.pt", weights_only=True)["model"]
+    (run,) = mlflow_runs(out / "outputs" / "mlruns.db", name)
+    assert {"val_auc", "val_accuracy", "train_loss"} <= set(run.data.metrics)
+    assert run.data.params["stage"] == "prompt_stage1" and run.info.run_name == f"prompt_stage1_{name}"
+
+    seg = [*common, "--dataset_dir", data, "--gaze_csv", data / "gaze.csv"]
+    stage2 = configs(name, "train.json", "prompt_stage2.json")
+    bundle("--config_file", stage2, *seg, "--epochs", 1)  # default: models/prompt_stage1/model.pt
+    model = torch.load(out / "models" / "model.pt", weights_only=True)["model"]
+    for key, value in stage1.items():  # the frozen stage-1 network is inside the stage-2 model as trained
+        assert torch.equal(model[f"prompt.{key}"], value), key
+    assert any(k.startswith("levels.1.short_skips") for k in model)  # two gaze levels, both prompted
+    runs = mlflow_runs(out / "outputs" / "mlruns.db", name)
+    params = next(r for r in runs if r.info.run_name == f"gaze_prompted_{name}").data.params
+    assert params["freeze_prompt"] == "True" and params["prompt_checkpoint"].endswith(
+        "prompt_stage1/model.pt"
+    )
+
+    bundle("--config_file", configs(name, "train.json", "prompt_stage2.json", "evaluate.json"), *seg,
+           "--eval_split", "test")  # fmt: skip
+    report = json.loads((out / "outputs" / "metrics_test.json").read_text())
+    assert report["images"] == 2 and 0.0 <= report["mean"]["ensemble"]["dice"] <= 1.0
+
+
+def test_stage_two_refuses_a_stage_one_of_other_widths(synthetic_root, tmp_path):
+    from gazemonai.train.prompt import PyramidClassifier
+
+    wrong = tmp_path / "stage1.pt"
+    torch.save({"model": PyramidClassifier(features=[8, 8, 16, 16, 64]).state_dict()}, wrong)
+    common = ["--bundle_root", tmp_path / "run", "--dataset_dir", synthetic_root, *SMALL, "--epochs", 1]
+    stage2 = configs("kvasir_gaze", "train.json", "prompt_stage2.json")
+    done = bundle(
+        "--config_file", stage2, *common, "--supervision", "full", "--prompt_checkpoint", wrong, ok=False
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert (
+        last.startswith("error: stage-1 checkpoint")
+        and "widths [8, 8, 16, 16, 64]" in last
+        and "--features" in last
+    )
+    assert not (tmp_path / "run" / "models" / "model.pt").exists()  # nothing trained
+
+    missing = bundle("--config_file", stage2, *common, "--supervision", "full", ok=False)
+    assert (
+        missing.returncode == 2
+        and "prompt_checkpoint" in missing.stderr
+        and "train stage 1 first" in missing.stderr
+    )
+
+    frozen = bundle("--config_file", stage2, *common, "--supervision", "full", "--prompt_checkpoint", wrong,
+                    "--freeze_prompt", "false", ok=False)  # fmt: skip
+    assert frozen.returncode == 2 and "freeze_prompt must be true or false" in frozen.stderr
+
+
+def test_stage_one_settings_are_checked(tmp_path):
+    stage1 = configs("kvasir_gaze", "train.json", "prompt_stage1.json")
+    common = ["--bundle_root", tmp_path / "run", *SMALL]
+    absent = bundle("--config_file", stage1, *common, "--image_labels", tmp_path / "nowhere.csv", ok=False)
+    assert (
+        absent.returncode == 2 and "image_labels" in absent.stderr and "derive-image-labels" in absent.stderr
+    )
+    (tmp_path / "labels.csv").write_text("image,label\n")
+    three = bundle("--config_file", stage1, *common, "--image_labels", tmp_path / "labels.csv",
+                   "--image_label_classes", "['a','b','c']", ok=False)  # fmt: skip
+    assert three.returncode == 2 and "image_label_classes must be two different class names" in three.stderr
+    assert (ROOT / "bundles" / "prostate_gaze" / "configs" / "prompt_stage1.json").is_file()
