@@ -35,7 +35,7 @@ import torch.nn as nn
 
 from ..errors import CheckpointMismatchError, InvalidInputError
 from ..train.checkpoints import load_weights
-from ..train.networks import FeatureUNet, MultiLevelNet
+from ..train.networks import MultiLevelNet
 from .staging import MODEL_SETTINGS, locate_bundle, read_run_record, stage_bundle, trained_settings
 
 __all__ = ["ExportableMultiLevelNet", "OnnxNetwork", "export_bundle", "FORMATS"]
@@ -51,19 +51,28 @@ class ExportableMultiLevelNet(nn.Module):
 
     Pads the input (replicating its border) to the next multiple of ``multiple``, averages the level
     networks' logits, and crops back to the input's size. Parameters are named as in
-    :class:`MultiLevelNet` (``levels.<i>.…``): its state dict loads as is.
+    :class:`MultiLevelNet` (``levels.<i>.…``, ``prompt.…``): its state dict loads as is. With an
+    image-label prompt (``prompt_features``) the stage-1 pyramid of the padded image feeds every level.
 
     Args:
         num_levels: number of level networks.
         multiple: the padded sides' multiple (16 for the 4 poolings of ``BasicUNet``).
+        prompt_features: the stage-1 widths of a prompted network (``None``: no prompt).
+        prompt_classes: the stage-1 network's logits.
         unet_kwargs: passed to each :class:`FeatureUNet` (``in_channels``, ``features``, ...); 2-D only.
         kwargs: :class:`MultiLevelNet`'s training options (``init``, ``propagate``, ...), accepted so
             a ``network_def`` config entry can name this class, and unused.
     """
 
-    TRAINING_OPTIONS = ("init", "propagate", "propagate_logits", "kernel_size", "dilation", "output")
+    TRAINING_OPTIONS = (
+        "init", "propagate", "propagate_logits", "kernel_size", "dilation", "output", "return_features",
+        "freeze_prompt",
+    )  # fmt: skip
+    __constants__ = ["prompted"]  # TorchScript compiles only the branch the network has
 
-    def __init__(self, num_levels: int = 2, multiple: int = 16, **kwargs) -> None:
+    def __init__(
+        self, num_levels: int = 2, multiple: int = 16, prompt_features=None, prompt_classes: int = 1, **kwargs
+    ) -> None:
         super().__init__()
         unet_kwargs = {k: v for k, v in kwargs.items() if k not in self.TRAINING_OPTIONS}
         if int(unet_kwargs.get("spatial_dims", 2)) != 2:
@@ -71,7 +80,12 @@ class ExportableMultiLevelNet(nn.Module):
         if int(num_levels) < 1 or int(multiple) < 1:
             raise InvalidInputError(f"num_levels and multiple must be >= 1, got {num_levels}, {multiple}")
         self.multiple = int(multiple)
-        self.levels = nn.ModuleList(FeatureUNet(**unet_kwargs) for _ in range(int(num_levels)))
+        net = MultiLevelNet(
+            num_levels, prompt_features=prompt_features, prompt_classes=prompt_classes, **unet_kwargs
+        )
+        self.levels = net.levels
+        self.prompted = net.prompt is not None
+        self.prompt = net.prompt if net.prompt is not None else nn.Identity()
 
     @classmethod
     def from_network(cls, network: MultiLevelNet, multiple: int = 16) -> ExportableMultiLevelNet:
@@ -80,6 +94,8 @@ class ExportableMultiLevelNet(nn.Module):
         nn.Module.__init__(module)
         module.multiple = int(multiple)
         module.levels = network.levels
+        module.prompted = network.prompt is not None
+        module.prompt = network.prompt if network.prompt is not None else nn.Identity()
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -87,7 +103,11 @@ class ExportableMultiLevelNet(nn.Module):
         pad_h = (self.multiple - height % self.multiple) % self.multiple
         pad_w = (self.multiple - width % self.multiple) % self.multiple
         padded = nn.functional.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
-        logits = [level(padded) for level in self.levels]
+        if self.prompted:
+            pyramid = self.prompt.pyramid(padded)
+            logits = [level(padded, pyramid) for level in self.levels]
+        else:
+            logits = [level(padded) for level in self.levels]
         return torch.stack(logits).mean(0)[..., :height, :width]
 
 

@@ -6,6 +6,10 @@ MICCAI 2024) trains one network per pseudo-mask level. Each level network is MON
 *feature propagation* replaces each pixel's feature by a similarity-weighted average of its 5x5
 neighbours at dilation 2 (softmax over clamped dot products); the same classifier on the propagated
 features gives the *propagated logits* that the cross-level consistency compares with the peers.
+
+The image-label prompt (SKS, Chen et al., arXiv:2406.14958; the method in
+:mod:`gazemonai.train.prompt`) adds a stage-1 :class:`PyramidClassifier` whose pyramid features
+each level network, then a :class:`PromptedFeatureUNet`, receives: ``MultiLevelNet(prompt_features=...)``.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from collections.abc import Sequence
 import torch
 from monai.networks.layers import Conv
 from monai.networks.nets import BasicUNet
+from monai.networks.nets.basic_unet import Down, TwoConv
 from torch import nn
 
 from ..errors import InvalidInputError
@@ -22,6 +27,8 @@ from ..errors import InvalidInputError
 __all__ = [
     "FeatureUNet",
     "MultiLevelNet",
+    "PyramidClassifier",
+    "PromptedFeatureUNet",
     "feature_propagation",
     "feature_propagation_unfold",
     "PAPER_FEATURES",
@@ -261,6 +268,133 @@ class FeatureUNet(nn.Module):
         return self.classifier(feat), feat
 
 
+_NORM = ("group", {"num_groups": 4})
+_ACT = ("LeakyReLU", {"negative_slope": 0.1, "inplace": True})
+
+
+def _encoder_widths(features: Sequence[int]) -> tuple[int, ...]:
+    features = tuple(int(f) for f in features)
+    if len(features) not in (5, 6) or min(features) < 1:
+        raise InvalidInputError(
+            f"features must be 5 encoder widths or BasicUNet's 6 (the encoder's 5 are used), got {features}"
+        )
+    return features[:5]
+
+
+class PyramidClassifier(nn.Module):
+    """Stage 1 of SKS (Chen et al., arXiv:2406.14958): an image classifier that keeps its pyramid.
+
+    A BasicUNet encoder (MONAI's ``TwoConv`` and ``Down`` blocks: five levels, resolution 1, 1/2,
+    ..., 1/16) whose level maps are each globally averaged and concatenated into one linear layer.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: image channels.
+        num_classes: logits (1: binary, trained with BCE).
+        features: the five encoder widths, or BasicUNet's six (the segmentation network's
+            ``features``; the first five are used, so the pyramid matches its encoder).
+        norm: normalisation of the blocks.
+        act: activation of the blocks.
+        dropout: dropout of the blocks and before the linear layer.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        in_channels: int = 3,
+        num_classes: int = 1,
+        features: Sequence[int] = (16, 32, 64, 128, 256),
+        norm: str | tuple = _NORM,
+        act: str | tuple = _ACT,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if int(num_classes) < 1:
+            raise InvalidInputError(f"num_classes must be >= 1, got {num_classes}")
+        widths = _encoder_widths(features)
+        self.pyramid_channels = widths
+        self.spatial_dims = int(spatial_dims)
+        self.conv_0 = TwoConv(spatial_dims, in_channels, widths[0], act, norm, True, dropout)
+        self.downs = nn.ModuleList(
+            Down(spatial_dims, widths[i - 1], widths[i], act, norm, True, dropout) for i in range(1, 5)
+        )
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(sum(widths), int(num_classes))
+
+    def pyramid(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The five level maps ``g_0 .. g_4`` (widths :attr:`pyramid_channels`, resolution 1/2^i)."""
+        maps = [self.conv_0(x)]
+        for down in self.downs:
+            maps.append(down(maps[-1]))
+        return maps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = [m.flatten(2).mean(-1) for m in self.pyramid(x)]
+        return self.head(self.dropout(torch.cat(pooled, dim=1)))
+
+
+class PromptedFeatureUNet(FeatureUNet):
+    """Stage 2 of SKS: :class:`~gazemonai.train.networks.FeatureUNet` fed a stage-1 pyramid.
+
+    Called as ``net(x, pyramid)`` with ``pyramid`` the five maps of
+    :meth:`PyramidClassifier.pyramid`. Short skips fuse ``g_i`` into encoder level ``i``
+    (``W [e_i ; g_i] + b``); long skips fuse ``g_{i+1}``, upsampled, into the decoder map at level
+    ``i`` (see :mod:`gazemonai.train.prompt`).
+
+    Args:
+        prompt_channels: the stage-1 pyramid's five widths (default: the encoder's own).
+        unet_kwargs: :class:`~gazemonai.train.networks.FeatureUNet`'s arguments.
+    """
+
+    def __init__(self, prompt_channels: Sequence[int] | None = None, **unet_kwargs) -> None:
+        super().__init__(**unet_kwargs)
+        features = tuple(int(f) for f in unet_kwargs.get("features", (64, 128, 256, 512, 1024, 128)))
+        widths = _encoder_widths(features if prompt_channels is None else prompt_channels)
+        self.prompt_channels = widths
+        dims = int(unet_kwargs.get("spatial_dims", 2))
+        conv = nn.Conv2d if dims == 2 else nn.Conv3d
+        encoder = features[:5]
+        decoder = (features[5], features[1], features[2], features[3])  # u1, u2, u3, u4
+        self.short_skips = nn.ModuleList(conv(encoder[i] + widths[i], encoder[i], 1) for i in range(5))
+        self.long_skips = nn.ModuleList(conv(decoder[i] + widths[i + 1], decoder[i], 1) for i in range(4))
+
+    @staticmethod
+    def _with(x: torch.Tensor, g: torch.Tensor, resize: bool = False) -> torch.Tensor:
+        """``[x ; g]`` along channels (``g`` resized to ``x`` for the long skips), for a fusion conv."""
+        if g.shape[2:] != x.shape[2:]:
+            if not resize:
+                raise InvalidInputError(
+                    f"prompt pyramid map of size {g.shape[2:]} does not match the encoder's "
+                    f"{x.shape[2:]}: was it computed from the same image?"
+                )
+            mode = "bilinear" if x.dim() == 4 else "trilinear"
+            g = nn.functional.interpolate(g, size=x.shape[2:], mode=mode, align_corners=False)
+        return torch.cat([x, g.to(x.dtype)], dim=1)
+
+    def _features(self, x: torch.Tensor, pyramid: list[torch.Tensor]) -> torch.Tensor:
+        if len(pyramid) != 5:
+            raise InvalidInputError(f"the prompt pyramid must hold 5 maps, got {len(pyramid)}")
+        b = self.backbone
+        x0 = self.short_skips[0](self._with(b.conv_0(x), pyramid[0]))
+        x1 = self.short_skips[1](self._with(b.down_1(x0), pyramid[1]))
+        x2 = self.short_skips[2](self._with(b.down_2(x1), pyramid[2]))
+        x3 = self.short_skips[3](self._with(b.down_3(x2), pyramid[3]))
+        x4 = self.short_skips[4](self._with(b.down_4(x3), pyramid[4]))
+        u4 = self.long_skips[3](self._with(b.upcat_4(x4, x3), pyramid[4], resize=True))
+        u3 = self.long_skips[2](self._with(b.upcat_3(u4, x2), pyramid[3], resize=True))
+        u2 = self.long_skips[1](self._with(b.upcat_2(u3, x1), pyramid[2], resize=True))
+        u1 = self.long_skips[0](self._with(b.upcat_1(u2, x0), pyramid[1], resize=True))
+        return b.final_conv(u1)
+
+    def forward(self, x: torch.Tensor, pyramid: list[torch.Tensor]) -> torch.Tensor:
+        return self.classifier(self._features(x, pyramid))
+
+    def forward_features(self, x: torch.Tensor, pyramid: list[torch.Tensor]):
+        """``(logits, feature map)``, as :meth:`FeatureUNet.forward_features`."""
+        feat = self._features(x, pyramid)
+        return self.classifier(feat), feat
+
+
 class MultiLevelNet(nn.Module):
     """N level networks trained together on N pseudo-mask levels; the prediction is their mean logit.
 
@@ -284,6 +418,15 @@ class MultiLevelNet(nn.Module):
             feeding its classifier (the hybrid mode's per-instance gradients,
             :mod:`gazemonai.train.hybrid`); off by default, as an inferer casting outputs to float32
             would copy them.
+        prompt_features: the image-label prompt (:mod:`gazemonai.train.prompt`; SKS, Chen et al.,
+            arXiv:2406.14958): ``None`` (the default) for none; else the widths of a stage-1
+            :class:`PyramidClassifier` (five, or six as ``features``), kept as ``prompt``, whose
+            pyramid is computed once per batch and fed to every level network, each then a
+            :class:`PromptedFeatureUNet`. Stage 1's weights are loaded by
+            :func:`~gazemonai.train.prompt.load_prompt_weights`.
+        prompt_classes: the stage-1 network's logits (its head is kept, unused by the segmentation).
+        freeze_prompt: keep the stage-1 network fixed (no gradients, evaluation mode), the default;
+            ``False`` fine-tunes it with the segmentation loss.
         unet_kwargs: passed to each :class:`FeatureUNet` (``in_channels``, ``features``, ...).
     """
 
@@ -299,9 +442,14 @@ class MultiLevelNet(nn.Module):
         dilation: int = 2,
         output: str = "ensemble",
         return_features: bool = False,
+        prompt_features: Sequence[int] | None = None,
+        prompt_classes: int = 1,
+        freeze_prompt: bool = True,
         **unet_kwargs,
     ) -> None:
         super().__init__()
+        if not isinstance(freeze_prompt, bool):
+            raise InvalidInputError(f"freeze_prompt must be True or False, got {freeze_prompt!r}")
         if num_levels < 1:
             raise InvalidInputError(f"num_levels must be >= 1, got {num_levels}")
         if init not in ("independent", "copy"):
@@ -309,7 +457,25 @@ class MultiLevelNet(nn.Module):
         if output not in self.OUTPUTS:
             raise InvalidInputError(f"output must be one of {self.OUTPUTS}, got {output!r}")
         self.num_levels = int(num_levels)
-        self.levels = nn.ModuleList(self.make_level(**unet_kwargs) for _ in range(self.num_levels))
+        self.prompt: PyramidClassifier | None = None
+        if prompt_features is None:
+            self.levels = nn.ModuleList(FeatureUNet(**unet_kwargs) for _ in range(self.num_levels))
+        else:
+            widths = _encoder_widths(prompt_features)
+            self.levels = nn.ModuleList(
+                PromptedFeatureUNet(prompt_channels=widths, **unet_kwargs) for _ in range(self.num_levels)
+            )
+            self.prompt = PyramidClassifier(
+                spatial_dims=unet_kwargs.get("spatial_dims", 2),
+                in_channels=unet_kwargs.get("in_channels", 3),
+                num_classes=prompt_classes,
+                features=widths,
+            )
+            self.prompt.head.requires_grad_(False)  # the class head is not on the segmentation's path
+            if freeze_prompt:
+                self.prompt.requires_grad_(False)
+                self.prompt.eval()
+        self.freeze_prompt = freeze_prompt
         if init == "copy":
             for level in self.levels[1:]:
                 level.load_state_dict(self.levels[0].state_dict())
@@ -321,16 +487,23 @@ class MultiLevelNet(nn.Module):
         self.output = output
         self.return_features = bool(return_features)
 
-    def make_level(self, **unet_kwargs) -> nn.Module:
-        """One level network (a :class:`FeatureUNet`); subclasses build another kind here."""
-        return FeatureUNet(**unet_kwargs)
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.prompt is not None and self.freeze_prompt:
+            self.prompt.eval()  # a frozen prompt stays in evaluation mode (dropout off)
+        return self
 
     def level_inputs(self, x: torch.Tensor) -> tuple:
-        """What each level network is called with, computed once per batch for all levels: ``(x,)``.
+        """What each level network is called with, computed once per batch for all levels.
 
-        :class:`~gazemonai.train.prompt.PromptedMultiLevelNet` adds the image-label prompt's pyramid.
+        ``(x,)``, or with an image-label prompt ``(x, pyramid)`` (without gradients when frozen).
         """
-        return (x,)
+        if self.prompt is None:
+            return (x,)
+        if self.freeze_prompt:
+            with torch.no_grad():
+                return (x, self.prompt.pyramid(x))
+        return (x, self.prompt.pyramid(x))
 
     def forward_level(self, x: torch.Tensor, level: int, propagate: bool | None = None):
         """Level ``level``'s ``(logits, propagated logits or None)`` (one network of the N)."""

@@ -54,6 +54,24 @@ def test_two_stages_train_and_evaluate(name, synthetic_root, tmp_path):
            "--eval_split", "test")  # fmt: skip
     report = json.loads((out / "outputs" / "metrics_test.json").read_text())
     assert report["images"] == 2 and 0.0 <= report["mean"]["ensemble"]["dice"] <= 1.0
+    if name != "kvasir_gaze":
+        return
+    # served as any model: the recorded prompt_features reach inference.json (export, registry)
+    ckpt = out / "models" / "model.pt"
+    exported = cli(
+        "export", "--bundle-dir", ROOT / "bundles" / name, "--checkpoint", ckpt, "--out", tmp_path / "x"
+    )
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert {"torchscript", "onnx"} <= set(json.loads(exported.stdout.strip().splitlines()[-1]))
+    uri = f"sqlite:///{out / 'outputs' / 'mlruns.db'}"
+    registered = cli("register", "--bundle-dir", ROOT / "bundles" / name, "--checkpoint", ckpt,
+                     "--name", "prompted", "--tracking-uri", uri)  # fmt: skip
+    assert registered.returncode == 0, registered.stderr[-3000:]
+    evaluated = cli("evaluate", "--model", "models:/prompted/1", "--dataset-dir", data,
+                    "--out", tmp_path / "ev", "--tracking-uri", uri)  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    again = json.loads((tmp_path / "ev" / "outputs" / "metrics_test.json").read_text())
+    assert again["mean"] == report["mean"]  # the registered model is the trained one, prompt included
 
 
 def test_stage_two_refuses_a_stage_one_of_other_widths(synthetic_root, tmp_path):

@@ -5,21 +5,15 @@ import torch
 from ignite.engine import Engine, Events
 
 from gazemonai.errors import CheckpointReadError, InvalidInputError, MissingInputError
-from gazemonai.train.networks import MultiLevelNet
-from gazemonai.train.prompt import (
-    PromptedFeatureUNet,
-    PromptedMultiLevelNet,
-    PromptWeights,
-    PyramidClassifier,
-    load_prompt_weights,
-)
+from gazemonai.train.networks import MultiLevelNet, PromptedFeatureUNet, PyramidClassifier
+from gazemonai.train.prompt import PromptWeights, load_prompt_weights
 
 FEATURES = [4, 4, 8, 8, 16, 4]
 
 
 def prompted(**kwargs):
     torch.manual_seed(0)
-    return PromptedMultiLevelNet(num_levels=2, features=FEATURES, in_channels=3, **kwargs)
+    return MultiLevelNet(num_levels=2, features=FEATURES, in_channels=3, prompt_features=FEATURES, **kwargs)
 
 
 def test_classifier_pyramid_and_logits():
@@ -153,7 +147,7 @@ def test_stage_two_refuses_what_is_not_a_stage_one_checkpoint(tmp_path):
         load_prompt_weights(prompted(), tmp_path / "junk.pt")
     with pytest.raises(MissingInputError, match="train stage 1 first"):
         load_prompt_weights(prompted(), tmp_path / "absent.pt")
-    with pytest.raises(InvalidInputError, match="PromptedMultiLevelNet"):
+    with pytest.raises(InvalidInputError, match="without one"):
         load_prompt_weights(MultiLevelNet(num_levels=1, features=FEATURES), tmp_path / "seg.pt")
 
 
@@ -172,3 +166,11 @@ def test_prompt_weights_handler_loads_at_start_and_not_on_resume(tmp_path):
         return torch.equal(net.prompt.head.weight, stage1.head.weight)
 
     assert started(0) and not started(5)  # a resumed run keeps the weights it resumed
+
+
+def test_without_prompt_features_the_network_is_unchanged():
+    """No prompt: no stage-1 part and the state dict keys of every earlier checkpoint."""
+    net = MultiLevelNet(num_levels=2, features=FEATURES, in_channels=3)
+    assert net.prompt is None and not any(k.startswith("prompt.") or "skips" in k for k in net.state_dict())
+    with pytest.raises(InvalidInputError, match="freeze_prompt must be True or False"):
+        MultiLevelNet(num_levels=1, features=FEATURES, prompt_features=FEATURES, freeze_prompt="false")
