@@ -16,13 +16,14 @@ Usage: python benchmarks/hybrid_step.py [--features 16,32,64,128,256,16 --size 6
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from step_timing import alternate, joint_step, step_parser  # noqa: E402
 
 
 class TimedDIIUpdate:
@@ -39,10 +40,9 @@ class TimedDIIUpdate:
 
 def trainer(kind: str, features, size: int, batch: int, dtype: str):
     import torch
-    from monai.engines import SupervisedTrainer
     from monai.engines.utils import IterationEvents
 
-    from gazemonai.train.engine import AutocastInferer, MultiLevelPrepareBatch
+    from gazemonai.train.engine import MultiLevelPrepareBatch
     from gazemonai.train.hybrid import DIIUpdate, DynamicInstanceIndicator, HybridLoss
     from gazemonai.train.losses import MultiLevelGazeLoss
     from gazemonai.train.networks import MultiLevelNet
@@ -61,58 +61,33 @@ def trainer(kind: str, features, size: int, batch: int, dtype: str):
     loss = (
         HybridLoss(DynamicInstanceIndicator(batch), ramp_iterations=100) if hybrid else MultiLevelGazeLoss()
     )
-    engine = SupervisedTrainer(
-        device=torch.device("cpu"),
-        max_epochs=1,
-        train_data_loader=[batchdata],
-        network=net,
-        optimizer=torch.optim.AdamW(net.parameters(), 2e-3),
-        loss_function=loss,
-        inferer=AutocastInferer(dtype),
-        prepare_batch=MultiLevelPrepareBatch(
-            "pseudo_label", output="train", extra_keys=("strong", "index") if hybrid else ()
-        ),
-        decollate=False,
+    prepare = MultiLevelPrepareBatch(
+        "pseudo_label", output="train", extra_keys=("strong", "index") if hybrid else ()
     )
+    step, engine = joint_step(net, loss, prepare, batchdata, dtype)
     timed = None
     if hybrid:
         timed = TimedDIIUpdate(DIIUpdate(loss))
         engine.add_event_handler(IterationEvents.LOSS_COMPLETED, timed)
-    engine.state.iteration = 1
-
-    def step():
-        engine._iteration(engine, batchdata)  # MONAI's joint iteration, its events fired
-
     return step, timed
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--features", default="16,32,64,128,256,16")
-    ap.add_argument("--size", type=int, default=64)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--dtype", default="bfloat16")
-    args = ap.parse_args(argv)
+    args = step_parser(__doc__).parse_args(argv)
     import torch
 
     torch.set_num_threads(args.threads)
     features = [int(f) for f in args.features.split(",")]
     steps = {k: trainer(k, features, args.size, args.batch, args.dtype) for k in ("gaze", "hybrid")}
-    for step, _ in steps.values():  # warm-up
-        step()
-        step()
-    steps["hybrid"][1].seconds = 0.0
-    times = {k: [] for k in steps}
-    for _ in range(args.steps):  # alternating: both see the same machine state
-        for kind, (step, _) in steps.items():
-            t0 = time.perf_counter()
-            step()
-            times[kind].append(time.perf_counter() - t0)
-    results = {f"{k}_ms_per_step": round(1000 * sorted(v)[len(v) // 2], 1) for k, v in times.items()}
-    results["ratio"] = round(results["hybrid_ms_per_step"] / results["gaze_ms_per_step"], 3)
-    results["dii_ms"] = round(1000 * steps["hybrid"][1].seconds / args.steps, 2)
+    timed = steps["hybrid"][1]
+
+    def reset():
+        timed.seconds = 0.0
+
+    medians = alternate({k: step for k, (step, _) in steps.items()}, args.steps, after_warmup=reset)
+    results = {f"{k}_ms_per_step": v for k, v in medians.items()}
+    results["ratio"] = round(medians["hybrid"] / medians["gaze"], 3)
+    results["dii_ms"] = round(1000 * timed.seconds / args.steps, 2)
     results.update(
         features=features, size=args.size, batch=args.batch, threads=args.threads, dtype=args.dtype
     )

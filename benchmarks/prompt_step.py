@@ -17,22 +17,21 @@ Usage: python benchmarks/prompt_step.py [--features 16,32,64,128,256,16 --size 6
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from step_timing import alternate, joint_step, step_parser  # noqa: E402
 
 KINDS = ("plain", "prompted", "fine_tuned")
 
 
 def trainer(kind: str, features, size: int, batch: int, dtype: str):
     import torch
-    from monai.engines import SupervisedTrainer
 
-    from gazemonai.train.engine import AutocastInferer, MultiLevelPrepareBatch
+    from gazemonai.train.engine import MultiLevelPrepareBatch
     from gazemonai.train.losses import MultiLevelGazeLoss
     from gazemonai.train.networks import MultiLevelNet
 
@@ -43,52 +42,23 @@ def trainer(kind: str, features, size: int, batch: int, dtype: str):
         "image": torch.rand(batch, 3, size, size),
         "pseudo_label": (torch.rand(batch, 2, size, size) > 0.5).float(),
     }
-    engine = SupervisedTrainer(
-        device=torch.device("cpu"),
-        max_epochs=1,
-        train_data_loader=[batchdata],
-        network=net,
-        optimizer=torch.optim.AdamW(net.parameters(), 2e-3),
-        loss_function=MultiLevelGazeLoss(),
-        inferer=AutocastInferer(dtype),
-        prepare_batch=MultiLevelPrepareBatch("pseudo_label", output="train"),
-        decollate=False,
-    )
-    engine.state.iteration = 1
-
-    def step():
-        engine._iteration(engine, batchdata)  # MONAI's joint iteration, its events fired
-
+    prepare = MultiLevelPrepareBatch("pseudo_label", output="train")
+    step, _ = joint_step(net, MultiLevelGazeLoss(), prepare, batchdata, dtype)
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     return step, {"total": sum(p.numel() for p in net.parameters()), "trained": trainable}
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--features", default="16,32,64,128,256,16")
-    ap.add_argument("--size", type=int, default=64)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--dtype", default="bfloat16")
-    args = ap.parse_args(argv)
+    args = step_parser(__doc__).parse_args(argv)
     import torch
 
     torch.set_num_threads(args.threads)
     features = [int(f) for f in args.features.split(",")]
     steps = {k: trainer(k, features, args.size, args.batch, args.dtype) for k in KINDS}
-    for step, _ in steps.values():  # warm-up
-        step()
-        step()
-    times = {k: [] for k in steps}
-    for _ in range(args.steps):
-        for kind, (step, _) in steps.items():
-            t0 = time.perf_counter()
-            step()
-            times[kind].append(time.perf_counter() - t0)
-    results = {f"{k}_ms_per_step": round(1000 * sorted(v)[len(v) // 2], 1) for k, v in times.items()}
+    medians = alternate({k: step for k, (step, _) in steps.items()}, args.steps)
+    results = {f"{k}_ms_per_step": v for k, v in medians.items()}
     for kind in KINDS[1:]:
-        results[f"{kind}_ratio"] = round(results[f"{kind}_ms_per_step"] / results["plain_ms_per_step"], 3)
+        results[f"{kind}_ratio"] = round(medians[kind] / medians["plain"], 3)
     results["parameters"] = {k: v for k, (_, v) in steps.items()}
     results.update(
         features=features, size=args.size, batch=args.batch, threads=args.threads, dtype=args.dtype
