@@ -75,7 +75,7 @@ def test_two_stages_train_and_evaluate(name, synthetic_root, tmp_path):
 
 
 def test_stage_two_refuses_a_stage_one_of_other_widths(synthetic_root, tmp_path):
-    from gazemonai.train.prompt import PyramidClassifier
+    from gazemonai.train.networks import PyramidClassifier
 
     wrong = tmp_path / "stage1.pt"
     torch.save({"model": PyramidClassifier(features=[8, 8, 16, 16, 64]).state_dict()}, wrong)
