@@ -348,7 +348,7 @@ class PromptedFeatureUNet(FeatureUNet):
 
     def __init__(self, prompt_channels: Sequence[int] | None = None, **unet_kwargs) -> None:
         super().__init__(**unet_kwargs)
-        features = tuple(int(f) for f in unet_kwargs.get("features", (64, 128, 256, 512, 1024, 128)))
+        features = tuple(int(f) for f in unet_kwargs.get("features", PAPER_FEATURES))
         widths = _encoder_widths(features if prompt_channels is None else prompt_channels)
         self.prompt_channels = widths
         dims = int(unet_kwargs.get("spatial_dims", 2))
