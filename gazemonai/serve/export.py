@@ -80,12 +80,17 @@ class ExportableMultiLevelNet(nn.Module):
         if int(num_levels) < 1 or int(multiple) < 1:
             raise InvalidInputError(f"num_levels and multiple must be >= 1, got {num_levels}, {multiple}")
         self.multiple = int(multiple)
-        net = MultiLevelNet(
-            num_levels, prompt_features=prompt_features, prompt_classes=prompt_classes, **unet_kwargs
+        self._share(
+            MultiLevelNet(
+                num_levels, prompt_features=prompt_features, prompt_classes=prompt_classes, **unet_kwargs
+            )
         )
-        self.levels = net.levels
-        self.prompted = net.prompt is not None
-        self.prompt = net.prompt if net.prompt is not None else nn.Identity()
+
+    def _share(self, network: MultiLevelNet) -> None:
+        """Take ``network``'s level networks and stage-1 prompt (if any) as this module's (no copy)."""
+        self.levels = network.levels
+        self.prompted = network.prompt is not None
+        self.prompt = network.prompt if network.prompt is not None else nn.Identity()
 
     @classmethod
     def from_network(cls, network: MultiLevelNet, multiple: int = 16) -> ExportableMultiLevelNet:
@@ -93,9 +98,7 @@ class ExportableMultiLevelNet(nn.Module):
         module = cls.__new__(cls)
         nn.Module.__init__(module)
         module.multiple = int(multiple)
-        module.levels = network.levels
-        module.prompted = network.prompt is not None
-        module.prompt = network.prompt if network.prompt is not None else nn.Identity()
+        module._share(network)
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -207,6 +207,11 @@ def feature_propagation_unfold(feat: torch.Tensor, kernel_size: int = 5, dilatio
     return torch.einsum("bcnhw,bhwn->bchw", values, corr).reshape(b, c, h, w)
 
 
+#: the blocks' normalisation and activation (the paper's): GroupNorm with 4 groups, LeakyReLU 0.1
+_NORM = ("group", {"num_groups": 4})
+_ACT = ("LeakyReLU", {"negative_slope": 0.1, "inplace": True})
+
+
 class FeatureUNet(nn.Module):
     """MONAI's BasicUNet producing a feature map, plus a 1x1 convolution classifier.
 
@@ -229,8 +234,8 @@ class FeatureUNet(nn.Module):
         out_channels: int = 1,
         features: Sequence[int] = PAPER_FEATURES,
         feature_channels: int | None = None,
-        norm: str | tuple = ("group", {"num_groups": 4}),
-        act: str | tuple = ("LeakyReLU", {"negative_slope": 0.1, "inplace": True}),
+        norm: str | tuple = _NORM,
+        act: str | tuple = _ACT,
         dropout: float = 0.0,
         upsample: str = "deconv",
     ) -> None:
@@ -266,10 +271,6 @@ class FeatureUNet(nn.Module):
         """``(logits, feature map)``: the feature map feeds the feature propagation."""
         feat = self.backbone(x)
         return self.classifier(feat), feat
-
-
-_NORM = ("group", {"num_groups": 4})
-_ACT = ("LeakyReLU", {"negative_slope": 0.1, "inplace": True})
 
 
 def _encoder_widths(features: Sequence[int]) -> tuple[int, ...]:

@@ -52,6 +52,14 @@ __all__ = ["load_prompt_weights", "PromptWeights"]
 logger = logging.getLogger(__name__)
 
 
+def _require(path: str | os.PathLike) -> None:
+    if not os.path.isfile(path):
+        raise MissingInputError(
+            f"stage-1 checkpoint {os.fspath(path)!r} not found: train stage 1 first "
+            "(configs/prompt_stage1.json) or pass --prompt_checkpoint"
+        )
+
+
 def load_prompt_weights(network: MultiLevelNet, path: str | os.PathLike) -> None:
     """Load a stage-1 checkpoint (a ``PyramidClassifier``'s ``model.pt``) into ``network.prompt``.
 
@@ -69,11 +77,7 @@ def load_prompt_weights(network: MultiLevelNet, path: str | os.PathLike) -> None
             f"the stage-1 prompt loads into a MultiLevelNet with prompt_features, got a "
             f"{type(network).__name__} without one (is configs/prompt_stage2.json in the config list?)"
         )
-    if not os.path.isfile(path):
-        raise MissingInputError(
-            f"stage-1 checkpoint {os.fspath(path)!r} not found: train stage 1 first "
-            "(configs/prompt_stage1.json) or pass --prompt_checkpoint"
-        )
+    _require(path)
     state = load_weights(path)
     if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
         state = state["model"]  # BestCheckpoint's {"model": state_dict}
@@ -147,11 +151,7 @@ class PromptWeights:
     def __init__(self, load_path: str, network: MultiLevelNet) -> None:
         self.load_path = load_path
         self.network = network
-        if not os.path.isfile(load_path):
-            raise MissingInputError(
-                f"stage-1 checkpoint {os.fspath(load_path)!r} not found: train stage 1 first "
-                "(configs/prompt_stage1.json) or pass --prompt_checkpoint"
-            )
+        _require(load_path)
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._load)
