@@ -17,12 +17,20 @@ How gazemonai builds it on the multi-level gaze machinery:
 * the loss (:class:`HybridLoss`) of network ``i`` on instance ``k``, with ``l`` = 0.5 Dice + 0.5 BCE::
 
       strong:  l(z_i, mask)
-      weak:    gamma_k * l(z_i, pseudo_i) + ((1 - gamma_k) + lambda(t)) * l(z_i, sg(sigmoid(z_peer)))
+      weak:    gamma_k * l(z_i, pseudo_i) + ((1 - gamma_k) + lambda(t)) * c_i(k)
 
-  the DII moves an instance's weight from its weak label to the peer network's prediction (a weak
-  label that pulls against the strong data is replaced by the peer), and ``lambda(t)``, ramped up
-  over the first epochs (``exp(-5 (1 - t/T)^2)``), is the co-regularisation on every weak instance.
-  Without DCR (``dcr=False``) the peer terms are off; without DII (``dii=False``) ``gamma`` stays 1;
+  where the co-regularisation term ``c_i(k)`` is, by ``dcr_loss``, GazeSup's cross-level
+  consistency on instance ``k`` (``"prop"``: minus the agreement of network ``i``'s
+  feature-propagated prediction with the peer's, stop-gradient, as the gaze mode's
+  :class:`~gazemonai.train.losses.CrossLevelConsistencyLoss`; ``"pure"``: of its own prediction) or
+  ``"label"``: ``l(z_i, sg(sigmoid(z_peer)))``, the peer's prediction taken as a soft label. The
+  DII moves an instance's weight from its weak label to the peer (a weak label that pulls against
+  the strong data is replaced by the peer), and ``lambda(t)`` (``dcr_weight``, ramped up over
+  ``ramp_iterations`` as ``exp(-5 (1 - t/T)^2)``, or at once) co-regularises every weak instance.
+  The bundles use ``"prop"`` with GazeSup's weight (3) from the first step: it keeps what makes the
+  gaze mode resist gaze noise (``"label"`` with a 10-epoch ramp to 1 measured 0.08 Dice below the
+  gaze mode on Kvasir; see the bundle README). Without DCR (``dcr=False``) the peer terms are off;
+  without DII (``dii=False``) ``gamma`` stays 1;
 * the DII update (:class:`DynamicInstanceIndicator`, run by :class:`DIIUpdate` after each loss):
   per-instance gradients of the supervised loss with respect to the last layer (each level's 1x1
   classifier, weights and bias), in closed form from the features that feed it -- no extra pass
@@ -47,7 +55,7 @@ from monai.transforms import MapTransform
 from torch import Tensor, nn
 
 from ..errors import InvalidInputError
-from .losses import detached_terms
+from .losses import CrossLevelConsistencyLoss, detached_terms
 
 __all__ = [
     "strong_ids_of",
@@ -221,12 +229,16 @@ class HybridLoss(nn.Module):
     Args:
         indicator: the :class:`DynamicInstanceIndicator` (its weights are read, not learnt here).
         dcr: co-regularisation between the networks on weak instances (off: the "without DCR" ablation).
+        dcr_loss: the co-regularisation term: ``"prop"`` (GazeSup's consistency of the propagated
+            prediction with the peers'; needs ``prop_logits`` in ``y_pred``), ``"pure"`` (of the
+            own prediction) or ``"label"`` (Dice + BCE against the peers' mean sigmoid).
         dcr_weight: ``lambda``'s final value.
         ramp_iterations: iterations over which ``lambda`` ramps up (``exp(-5 (1 - t/T)^2)``); 0: at once.
         dice_weight, bce_weight: the weights of ``l``'s Dice and BCE.
 
     ``forward(y_pred, y)``: ``y_pred`` is ``MultiLevelNet``'s ``output="train"`` dict (or (B, N, ...)
-    level logits); ``y`` is ``{"target": (B, N, ...), "strong": (B,), "index": (B,)}`` from
+    level logits, for ``dcr_loss`` ``"pure"`` or ``"label"``); ``y`` is
+    ``{"target": (B, N, ...), "strong": (B,), "index": (B,)}`` from
     :class:`~gazemonai.train.engine.MultiLevelPrepareBatch` with ``extra_keys=("strong", "index")``.
     Call :meth:`step` once per iteration to advance ``lambda`` (:class:`DIIUpdate` does).
     """
@@ -235,7 +247,8 @@ class HybridLoss(nn.Module):
         self,
         indicator: DynamicInstanceIndicator,
         dcr: bool = True,
-        dcr_weight: float = 1.0,
+        dcr_loss: str = "prop",
+        dcr_weight: float = 3.0,
         ramp_iterations: int = 0,
         dice_weight: float = 0.5,
         bce_weight: float = 0.5,
@@ -243,7 +256,9 @@ class HybridLoss(nn.Module):
         super().__init__()
         if dcr_weight < 0 or ramp_iterations < 0:
             raise InvalidInputError(f"dcr_weight and ramp must be >= 0, got {dcr_weight}, {ramp_iterations}")
-        self.indicator = indicator
+        if dcr_loss not in ("prop", "pure", "label"):
+            raise InvalidInputError(f"dcr_loss must be 'prop', 'pure' or 'label', got {dcr_loss!r}")
+        self.indicator, self.dcr_loss = indicator, dcr_loss
         self.dcr, self.dcr_weight, self.ramp_iterations = bool(dcr), float(dcr_weight), int(ramp_iterations)
         self.dice_weight, self.bce_weight = float(dice_weight), float(bce_weight)
         self.dice = DiceLoss(sigmoid=True, reduction="none", smooth_nr=1e-5, smooth_dr=1e-5)
@@ -273,6 +288,23 @@ class HybridLoss(nn.Module):
             return list(y_pred["level_logits"])
         return list(torch.split(y_pred, 1, dim=1))
 
+    def _co_regularisation(self, i: int, levels: list[Tensor], y_pred) -> Tensor:
+        """``c_i`` of each instance (B,): network ``i`` against its peers (stop-gradient)."""
+        peers = [p for j, p in enumerate(levels) if j != i]
+        if self.dcr_loss == "label":
+            peer = torch.stack([p.detach() for p in peers]).mean(0)
+            return self.per_instance(levels[i], torch.sigmoid(peer))
+        query = levels[i]
+        if self.dcr_loss == "prop":
+            prop = y_pred.get("prop_logits") if isinstance(y_pred, dict) else None
+            if not prop or len(prop) != len(levels):
+                raise InvalidInputError(
+                    "dcr_loss 'prop' needs the propagated logits: MultiLevelNet(propagate=True), "
+                    "output='train'"
+                )
+            query = prop[i]
+        return -CrossLevelConsistencyLoss.instance_agreement(query, peers)
+
     def _parts(self, y_pred, y: dict) -> dict[str, Tensor]:
         levels = self._levels(y_pred)
         target = y["target"].float()
@@ -288,9 +320,8 @@ class HybridLoss(nn.Module):
             t = target[:, i : i + 1] if target.shape[1] == n else target
             out[f"supervised_{i + 1}"] = (w_label * self.per_instance(z, t)).mean()
             if self.dcr and n > 1:
-                peer = torch.stack([p.detach() for j, p in enumerate(levels) if j != i]).mean(0)
                 w_peer = (1 - strong) * ((1 - gamma) + lam)
-                out[f"dcr_{i + 1}"] = (w_peer * self.per_instance(z, torch.sigmoid(peer))).mean()
+                out[f"dcr_{i + 1}"] = (w_peer * self._co_regularisation(i, levels, y_pred)).mean()
         return out
 
     def forward(self, y_pred, y: dict) -> Tensor:

@@ -84,9 +84,17 @@ class CrossLevelConsistencyLoss(nn.Module):
             query_logits: the level's logits (``"pure"``) or propagated logits (``"prop"``).
             peer_logits: the other levels' logits; detached here.
         """
+        return -CrossLevelConsistencyLoss.instance_agreement(query_logits, peer_logits).mean()
+
+    @staticmethod
+    def instance_agreement(query_logits: torch.Tensor, peer_logits: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Each instance's ``mean_j mean_pixels <p(query), stopgrad(p(peer_j))>``, (B,).
+
+        :meth:`level_term` is minus its batch mean (every instance has the same number of pixels).
+        """
         q = _two_class(query_logits)
-        agree = sum((q * _two_class(z.detach())).sum(dim=1).mean() for z in peer_logits)
-        return -agree / len(peer_logits)
+        agree = sum((q * _two_class(z.detach())).sum(dim=1).flatten(1).mean(1) for z in peer_logits)
+        return agree / len(peer_logits)
 
 
 class MultiLevelGazeLoss(nn.Module):

@@ -28,6 +28,7 @@ _CHOICES = {
     "compute_dtype": ("bfloat16", "float16", "float32", None),
     "train_step": ("joint", "levelwise"),
     "level_init": ("independent", "copy"),
+    "dcr_loss": ("prop", "pure", "label"),
 }
 
 

@@ -35,7 +35,12 @@ def test_hybrid_trains_resumes_and_evaluates(name, synthetic_root, tmp_path):
         "train_loss_dii_mean",
         "val_mean_dice",
     } <= metrics
-    assert run.data.params["supervision"] == "hybrid" and run.data.params["strong_fraction"] == "0.34"
+    params = run.data.params
+    assert (
+        params["supervision"] == "hybrid"
+        and params["strong_fraction"] == "0.34"
+        and params["dcr_loss"] == "prop"
+    )
 
     bundle("--config_file", configs(name, "train.json", "evaluate.json"), *common, "--eval_split", "test")
     report = json.loads((out / "outputs" / "metrics_test.json").read_text())
@@ -59,6 +64,7 @@ def test_full_masks_on_the_strong_images_only(synthetic_root, tmp_path):
         (["--supervision", "hybrid"], "supervision 'hybrid' needs configs/hybrid.json"),
         (["--strong_fraction", "0"], "strong_fraction must be a number in (0, 1], got 0"),
         (["--dii", "false"], "dii must be true or false (on the command line: --dii True or False)"),
+        (["--dcr_loss", "bce"], "dcr_loss must be one of 'prop', 'pure', 'label', got 'bce'"),
     ],
 )
 def test_bad_hybrid_settings_are_one_line(args, words, synthetic_root, tmp_path):

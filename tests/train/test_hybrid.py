@@ -111,7 +111,7 @@ def test_hybrid_loss_against_hand_computed_values_and_the_networks_exchange_targ
     target = (torch.rand(2, 2, 3, 3) > 0.5).float()
     indicator = DynamicInstanceIndicator(num_instances=5)
     indicator.weights[4] = 0.25  # instance 1 of the batch is weak, with weight 0.25
-    loss = HybridLoss(indicator, dcr_weight=2.0, ramp_iterations=0)
+    loss = HybridLoss(indicator, dcr_loss="label", dcr_weight=2.0, ramp_iterations=0)
     y = {"target": target, "strong": torch.tensor([1, 0]), "index": torch.tensor([0, 4])}
     total = loss({"level_logits": [z1, z2]}, y)
 
@@ -138,6 +138,42 @@ def test_hybrid_loss_against_hand_computed_values_and_the_networks_exchange_targ
 
     no_dcr = HybridLoss(indicator, dcr=False)({"level_logits": [z1, z2]}, y)
     assert torch.allclose(no_dcr, sup1 + sup2, atol=1e-5)
+
+
+def _agreement(q, peer):
+    """mean over pixels of <[1 - s(q), s(q)], [1 - s(peer), s(peer)]>, written out."""
+    a, b = torch.sigmoid(q), torch.sigmoid(peer)
+    return (a * b + (1 - a) * (1 - b)).mean()
+
+
+def test_the_consistency_form_of_co_regularisation_against_hand_computed_values():
+    """``dcr_loss="prop"``: GazeSup's consistency of each propagated prediction with the peer, weak only."""
+    torch.manual_seed(2)
+    z1, z2, r1, r2 = (torch.randn(2, 1, 3, 3, requires_grad=True) for _ in range(4))
+    target = (torch.rand(2, 2, 3, 3) > 0.5).float()
+    indicator = DynamicInstanceIndicator(num_instances=3)
+    indicator.weights[2] = 0.5
+    y = {"target": target, "strong": torch.tensor([0, 1]), "index": torch.tensor([2, 0])}
+    pred = {"level_logits": [z1, z2], "prop_logits": [r1, r2]}
+    parts = HybridLoss(indicator, dcr_loss="prop", dcr_weight=3.0)._parts(pred, y)
+
+    w = (1 - 0.5) + 3.0  # the weak instance 0 (gamma 0.5); the strong instance 1 has no peer term
+    assert torch.allclose(parts["dcr_1"], -w * _agreement(r1[0], z2[0]) / 2, atol=1e-6)
+    assert torch.allclose(parts["dcr_2"], -w * _agreement(r2[0], z1[0]) / 2, atol=1e-6)
+    assert torch.allclose(
+        parts["supervised_1"], (0.5 * _l(z1[0], target[0, 0]) + _l(z1[1], target[1, 0])) / 2, atol=1e-5
+    )
+    # the query is network 1's propagated prediction; network 2's logits are a stop-gradient target
+    g_r1, g_z1, g_z2 = torch.autograd.grad(parts["dcr_1"], [r1, z1, z2], allow_unused=True)
+    assert torch.count_nonzero(g_r1[0]) > 0 and torch.count_nonzero(g_r1[1]) == 0
+    assert g_z1 is None and g_z2 is None
+
+    pure = HybridLoss(indicator, dcr_loss="pure", dcr_weight=3.0)._parts({"level_logits": [z1, z2]}, y)
+    assert torch.allclose(pure["dcr_1"], -w * _agreement(z1[0], z2[0]) / 2, atol=1e-6)
+    with pytest.raises(InvalidInputError, match="needs the propagated logits"):
+        HybridLoss(indicator)({"level_logits": [z1, z2]}, y)
+    with pytest.raises(InvalidInputError, match="dcr_loss must be"):
+        HybridLoss(indicator, dcr_loss="peer")
 
 
 def test_co_regularisation_ramps_up():
