@@ -5,6 +5,28 @@ from __future__ import annotations
 import pytest
 from helpers import ROOT
 
+#: the test files that take minutes, longest first. `make test` hands whole files to its workers in
+#: collection order (`--dist loadfile --no-loadscope-reorder`); started last, the README file alone
+#: kept one worker busy for minutes after the other had finished. `--durations` in CI's log says
+#: what belongs here.
+LONGEST_FIRST = (
+    "tests/test_readme.py",
+    "tests/bundles/test_prompt.py",
+    "tests/bundles/test_resume.py",
+    "tests/bundles/test_hybrid.py",
+    "tests/bundles/test_kvasir_gaze.py",
+    "tests/apps/test_monailabel.py",
+    "tests/bundles/test_prostate_gaze.py",
+    "tests/serve/test_registry.py",
+    "tests/train/test_tracking.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    """Collect the longest files first (the others keep their order)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
+
 
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory):
