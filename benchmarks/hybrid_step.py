@@ -5,8 +5,9 @@ levels, autocast, AdamW, MONAI's joint iteration), on random images and targets,
 alternating so that both see the same machine state:
 
 * ``gaze``: ``MultiLevelGazeLoss`` with the feature-propagated consistency (``train.json``);
-* ``hybrid``: ``HybridLoss`` (DII weights, DCR) + ``DIIUpdate`` every iteration, the network
-  returning its features and not propagating them (``hybrid.json``); 1 image of the batch strong.
+* ``hybrid``: ``HybridLoss`` (DII weights, DCR as GazeSup's propagated consistency on the weak
+  images) + ``DIIUpdate`` every iteration, the network also returning its features (``hybrid.json``);
+  1 image of the batch strong.
 
 The last line is one JSON object: ``{"gaze_ms_per_step", "hybrid_ms_per_step", "ratio", "dii_ms", ...}``
 (``dii_ms``: the per-instance gradients and the weight update alone, timed inside the hybrid step).
@@ -49,18 +50,14 @@ def trainer(kind: str, features, size: int, batch: int, dtype: str):
 
     torch.manual_seed(0)
     hybrid = kind == "hybrid"
-    net = MultiLevelNet(
-        num_levels=2, features=features, in_channels=3, return_features=hybrid, propagate=not hybrid
-    )
+    net = MultiLevelNet(num_levels=2, features=features, in_channels=3, return_features=hybrid)
     batchdata = {
         "image": torch.rand(batch, 3, size, size),
         "pseudo_label": (torch.rand(batch, 2, size, size) > 0.5).float(),
         "strong": torch.tensor([1] + [0] * (batch - 1)),
         "index": torch.arange(batch),
     }
-    loss = (
-        HybridLoss(DynamicInstanceIndicator(batch), ramp_iterations=100) if hybrid else MultiLevelGazeLoss()
-    )
+    loss = HybridLoss(DynamicInstanceIndicator(batch), dcr_loss="prop") if hybrid else MultiLevelGazeLoss()
     prepare = MultiLevelPrepareBatch(
         "pseudo_label", output="train", extra_keys=("strong", "index") if hybrid else ()
     )

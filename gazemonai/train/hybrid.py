@@ -17,7 +17,7 @@ How gazemonai builds it on the multi-level gaze machinery:
 * the loss (:class:`HybridLoss`) of network ``i`` on instance ``k``, with ``l`` = 0.5 Dice + 0.5 BCE::
 
       strong:  l(z_i, mask)
-      weak:    gamma_k * l(z_i, pseudo_i) + ((1 - gamma_k) + lambda(t)) * c_i(k)
+      weak:    g_k * l(z_i, pseudo_i) + ((1 - gamma_k) + lambda(t)) * c_i(k),   g_k = gamma_k / mean_B(gamma)
 
   where the co-regularisation term ``c_i(k)`` is, by ``dcr_loss``, GazeSup's cross-level
   consistency on instance ``k`` (``"prop"``: minus the agreement of network ``i``'s
@@ -30,7 +30,11 @@ How gazemonai builds it on the multi-level gaze machinery:
   The bundles use ``"prop"`` with GazeSup's weight (3) from the first step: it keeps what makes the
   gaze mode resist gaze noise (``"label"`` with a 10-epoch ramp to 1 measured 0.08 Dice below the
   gaze mode on Kvasir; see the bundle README). Without DCR (``dcr=False``) the peer terms are off;
-  without DII (``dii=False``) ``gamma`` stays 1;
+  without DII (``dii=False``) ``gamma`` stays 1. The label weight ``g_k`` is ``gamma_k`` divided by
+  the mean ``gamma`` of the batch's weak instances (``dii_normalize``), so the DII redistributes the
+  weak labels' weight among the instances rather than removing it: unnormalised, the weights start
+  at their upper bound 1, where any noise in the updates can only lower them, and on Kvasir their
+  mean sank to 0.56 in 60 epochs, taking the weak labels' weight with it (see the bundle README);
 * the DII update (:class:`DynamicInstanceIndicator`, run by :class:`DIIUpdate` after each loss):
   per-instance gradients of the supervised loss with respect to the last layer (each level's 1x1
   classifier, weights and bias), in closed form from the features that feed it -- no extra pass
@@ -233,6 +237,8 @@ class HybridLoss(nn.Module):
             prediction with the peers'; needs ``prop_logits`` in ``y_pred``), ``"pure"`` (of the
             own prediction) or ``"label"`` (Dice + BCE against the peers' mean sigmoid).
         dcr_weight: ``lambda``'s final value.
+        dii_normalize: divide the weak instances' label weights by their batch mean (``False``: the
+            weights as they are, which lowers the weak labels' total weight as the DII moves).
         ramp_iterations: iterations over which ``lambda`` ramps up (``exp(-5 (1 - t/T)^2)``); 0: at once.
         dice_weight, bce_weight: the weights of ``l``'s Dice and BCE.
 
@@ -250,6 +256,7 @@ class HybridLoss(nn.Module):
         dcr_loss: str = "prop",
         dcr_weight: float = 3.0,
         ramp_iterations: int = 0,
+        dii_normalize: bool = True,
         dice_weight: float = 0.5,
         bce_weight: float = 0.5,
     ) -> None:
@@ -258,7 +265,7 @@ class HybridLoss(nn.Module):
             raise InvalidInputError(f"dcr_weight and ramp must be >= 0, got {dcr_weight}, {ramp_iterations}")
         if dcr_loss not in ("prop", "pure", "label"):
             raise InvalidInputError(f"dcr_loss must be 'prop', 'pure' or 'label', got {dcr_loss!r}")
-        self.indicator, self.dcr_loss = indicator, dcr_loss
+        self.indicator, self.dcr_loss, self.dii_normalize = indicator, dcr_loss, bool(dii_normalize)
         self.dcr, self.dcr_weight, self.ramp_iterations = bool(dcr), float(dcr_weight), int(ramp_iterations)
         self.dice_weight, self.bce_weight = float(dice_weight), float(bce_weight)
         self.dice = DiceLoss(sigmoid=True, reduction="none", smooth_nr=1e-5, smooth_dr=1e-5)
@@ -312,15 +319,20 @@ class HybridLoss(nn.Module):
         if target.shape[1] not in (1, n):
             raise InvalidInputError(f"{n} networks but the target has {target.shape[1]} channels")
         strong = y["strong"].to(levels[0].device).float().reshape(-1)
+        weak = 1 - strong
         gamma = self.indicator(y["index"]).to(levels[0].device)
-        w_label = strong + (1 - strong) * gamma
+        label_gamma = gamma
+        if self.dii_normalize:  # no host sync: a batch without weak instances multiplies by weak = 0
+            mean = (weak * gamma).sum() / weak.sum().clamp_min(1.0)
+            label_gamma = gamma / mean.clamp_min(1e-6)
+        w_label = strong + weak * label_gamma
         lam = self.ramp()
         out = {}
         for i, z in enumerate(levels):
             t = target[:, i : i + 1] if target.shape[1] == n else target
             out[f"supervised_{i + 1}"] = (w_label * self.per_instance(z, t)).mean()
             if self.dcr and n > 1:
-                w_peer = (1 - strong) * ((1 - gamma) + lam)
+                w_peer = weak * ((1 - gamma) + lam)
                 out[f"dcr_{i + 1}"] = (w_peer * self._co_regularisation(i, levels, y_pred)).mean()
         return out
 

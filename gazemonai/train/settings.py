@@ -38,6 +38,7 @@ _BOOLEANS = (
     "cudnn_benchmark",
     "strong_only",
     "dii",
+    "dii_normalize",
     "dcr",
     "freeze_prompt",
 )

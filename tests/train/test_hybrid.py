@@ -111,7 +111,7 @@ def test_hybrid_loss_against_hand_computed_values_and_the_networks_exchange_targ
     target = (torch.rand(2, 2, 3, 3) > 0.5).float()
     indicator = DynamicInstanceIndicator(num_instances=5)
     indicator.weights[4] = 0.25  # instance 1 of the batch is weak, with weight 0.25
-    loss = HybridLoss(indicator, dcr_loss="label", dcr_weight=2.0, ramp_iterations=0)
+    loss = HybridLoss(indicator, dcr_loss="label", dcr_weight=2.0, ramp_iterations=0, dii_normalize=False)
     y = {"target": target, "strong": torch.tensor([1, 0]), "index": torch.tensor([0, 4])}
     total = loss({"level_logits": [z1, z2]}, y)
 
@@ -136,8 +136,33 @@ def test_hybrid_loss_against_hand_computed_values_and_the_networks_exchange_targ
     assert not torch.allclose(moved["dcr_1"], parts["dcr_1"])
     assert torch.allclose(moved["supervised_1"], parts["supervised_1"])
 
-    no_dcr = HybridLoss(indicator, dcr=False)({"level_logits": [z1, z2]}, y)
+    no_dcr = HybridLoss(indicator, dcr=False, dii_normalize=False)({"level_logits": [z1, z2]}, y)
     assert torch.allclose(no_dcr, sup1 + sup2, atol=1e-5)
+
+
+def test_normalised_weights_share_the_weak_labels_weight_out_instead_of_removing_it():
+    torch.manual_seed(3)
+    z1, z2 = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
+    target = (torch.rand(3, 2, 4, 4) > 0.5).float()
+    indicator = DynamicInstanceIndicator(num_instances=3)
+    indicator.weights[:] = torch.tensor([0.25, 0.75, 0.1])  # instance 2 is strong (its weight unused)
+    y = {"target": target, "strong": torch.tensor([0, 0, 1]), "index": torch.tensor([0, 1, 2])}
+    parts = HybridLoss(indicator, dcr=False)._parts({"level_logits": [z1, z2]}, y)
+    # weak weights 0.25 and 0.75, mean 0.5 -> 0.5 and 1.5; the strong instance weighs 1
+    expected = (0.5 * _l(z1[0], target[0, 0]) + 1.5 * _l(z1[1], target[1, 0]) + _l(z1[2], target[2, 0])) / 3
+    assert torch.allclose(parts["supervised_1"], expected, atol=1e-5)
+    raw = HybridLoss(indicator, dcr=False, dii_normalize=False)._parts({"level_logits": [z1, z2]}, y)
+    expected = (0.25 * _l(z1[0], target[0, 0]) + 0.75 * _l(z1[1], target[1, 0]) + _l(z1[2], target[2, 0])) / 3
+    assert torch.allclose(raw["supervised_1"], expected, atol=1e-5)
+    # equal weights, whatever their value, are the same as no DII
+    indicator.weights[:2] = 0.3
+    same = HybridLoss(indicator, dcr=False)._parts({"level_logits": [z1, z2]}, y)
+    unweighted = HybridLoss(DynamicInstanceIndicator(3), dcr=False)._parts({"level_logits": [z1, z2]}, y)
+    assert torch.allclose(same["supervised_1"], unweighted["supervised_1"], atol=1e-6)
+    # a batch of strong instances only is left as it is
+    y_strong = {**y, "strong": torch.tensor([1, 1, 1])}
+    full = HybridLoss(indicator, dcr=False)._parts({"level_logits": [z1, z2]}, y_strong)
+    assert torch.allclose(full["supervised_1"], sum(_l(z1[k], target[k, 0]) for k in range(3)) / 3, atol=1e-5)
 
 
 def _agreement(q, peer):
@@ -160,8 +185,9 @@ def test_the_consistency_form_of_co_regularisation_against_hand_computed_values(
     w = (1 - 0.5) + 3.0  # the weak instance 0 (gamma 0.5); the strong instance 1 has no peer term
     assert torch.allclose(parts["dcr_1"], -w * _agreement(r1[0], z2[0]) / 2, atol=1e-6)
     assert torch.allclose(parts["dcr_2"], -w * _agreement(r2[0], z1[0]) / 2, atol=1e-6)
+    # the batch's only weak instance: its label weight 0.5, divided by the batch's mean weight 0.5
     assert torch.allclose(
-        parts["supervised_1"], (0.5 * _l(z1[0], target[0, 0]) + _l(z1[1], target[1, 0])) / 2, atol=1e-5
+        parts["supervised_1"], (_l(z1[0], target[0, 0]) + _l(z1[1], target[1, 0])) / 2, atol=1e-5
     )
     # the query is network 1's propagated prediction; network 2's logits are a stop-gradient target
     g_r1, g_z1, g_z2 = torch.autograd.grad(parts["dcr_1"], [r1, z1, z2], allow_unused=True)
