@@ -34,7 +34,7 @@ How gazemonai builds it on the multi-level gaze machinery:
   the mean ``gamma`` of the batch's weak instances (``dii_normalize``), so the DII redistributes the
   weak labels' weight among the instances rather than removing it: unnormalised, the weights start
   at their upper bound 1, where any noise in the updates can only lower them, and on Kvasir their
-  mean sank to 0.56 in 60 epochs, taking the weak labels' weight with it (see the bundle README);
+  mean sank to 0.42 in 60 epochs, taking the weak labels' weight with it (see the bundle README);
 * the DII update (:class:`DynamicInstanceIndicator`, run by :class:`DIIUpdate` after each loss):
   per-instance gradients of the supervised loss with respect to the last layer (each level's 1x1
   classifier, weights and bias), in closed form from the features that feed it -- no extra pass
