@@ -10,4 +10,4 @@ The sub-packages follow the data flow; each imports only those before it in this
 * :mod:`gazemonai.cli`, :mod:`gazemonai.demo` — the ``gazemonai`` command and the demo.
 """
 
-__version__ = "0.4.0"
+__version__ = "0.4.1"

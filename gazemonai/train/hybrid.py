@@ -168,7 +168,7 @@ class DynamicInstanceIndicator(nn.Module):
         enabled: ``False`` keeps every weight at 1 (the "without DII" ablation).
     """
 
-    def __init__(self, num_instances: int, lr: float = 0.05, momentum: float = 0.9, enabled: bool = True):
+    def __init__(self, num_instances: int, lr: float = 0.005, momentum: float = 0.9, enabled: bool = True):
         super().__init__()
         if int(num_instances) < 1:
             raise InvalidInputError(f"num_instances must be >= 1, got {num_instances}")

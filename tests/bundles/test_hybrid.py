@@ -40,6 +40,8 @@ def test_hybrid_trains_resumes_and_evaluates(name, synthetic_root, tmp_path):
         params["supervision"] == "hybrid"
         and params["strong_fraction"] == "0.34"
         and params["dcr_loss"] == "prop"
+        and params["dii_lr"] == "0.005"
+        and params["dii_interval"] == "1"
     )
 
     bundle("--config_file", configs(name, "train.json", "evaluate.json"), *common, "--eval_split", "test")
