@@ -128,8 +128,17 @@ def _events(
     min_samples = max(2, int(math.ceil(params["minimum_duration_ms"] / dt_ms - 1e-9)))
     if n < min_samples:
         return []
-    ev = idt(deg, minimum_duration=min_samples, dispersion_threshold=params["dispersion_threshold"]).frame
-    return list(zip(ev["onset"].to_list(), ev["offset"].to_list()))
+    thr = params["dispersion_threshold"]
+    ev = idt(deg, minimum_duration=min_samples, dispersion_threshold=thr).frame
+    out = []
+    for first, last in zip(ev["onset"].to_list(), ev["offset"].to_list()):
+        # pymovements' I-DT offset is the sample whose addition broke the threshold (the first one after
+        # the fixation; its issue #527 on offsets) except at the end of the data: keep only samples within.
+        window = deg[first : last + 1]
+        if last > first and np.nanmax(window, 0).sum() - np.nanmin(window, 0).sum() > thr:
+            last -= 1
+        out.append((first, last))
+    return out
 
 
 def detect_fixations(
