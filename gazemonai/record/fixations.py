@@ -34,6 +34,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# imported here, not on first use: pymovements (polars) takes seconds to import, which would land on the
+# annotator's first key press
+from pymovements.events.detection import idt, ivt
+from pymovements.transforms.numpy import pix2deg, pos2vel
+
 from ..errors import InvalidInputError
 from .geometry import ViewGeometry, screen_to_image
 from .samples import GazeSample
@@ -96,8 +101,6 @@ def _segments(samples: Sequence[GazeSample], geometries: Sequence[ViewGeometry],
 
 
 def _to_degrees(px: np.ndarray, g: ViewGeometry, screen_width_cm: float, distance_cm: float) -> np.ndarray:
-    from pymovements.transforms.numpy import pix2deg
-
     screen_cm = (screen_width_cm, screen_width_cm * g.screen_h / g.screen_w)
     return pix2deg(px, (g.screen_w, g.screen_h), screen_cm, distance_cm, "upper left")
 
@@ -106,9 +109,6 @@ def _events(
     deg: np.ndarray, t_ms: np.ndarray, dt_ms: float, method: str, params: dict
 ) -> list[tuple[int, int]]:
     """(first, last) sample indices of each fixation pymovements finds in one segment."""
-    from pymovements.events.detection import idt, ivt
-    from pymovements.transforms.numpy import pos2vel
-
     n = len(t_ms)
     if method == "ivt":
         if n < 5 and params["velocity_method"] == "smooth" or n < 2:
