@@ -1,4 +1,4 @@
-"""Does the Gazepoint bridge + fixation detection keep up with a tracker at 60-250 Hz without dropping samples?
+"""Does the Gazepoint bridge + fixation detection keep up with a tracker at 60-250 Hz, dropping no sample?
 
 For each rate, a simulated Gazepoint tracker (gazemonai.record.gazepoint.GazepointSimulator, the real
 Open Gaze API on loopback) streams fixations, saccades and a blink every 2 s to a GazepointSource; the
@@ -34,8 +34,13 @@ GEOMETRY = ViewGeometry(0.0, 1920, 1080, 0, 0, 1.0, (1920 - 622 * 1080 / 528) / 
 
 
 def run_rate(rate: float, seconds: float, image_s: float) -> dict:
-    path = fixation_trajectory(points=((0.5, 0.5), (0.42, 0.4), (0.6, 0.62), (0.45, 0.7)), fixation_s=0.3,
-                               saccade_s=0.04, blink_every_s=2.0, blink_s=0.12)
+    path = fixation_trajectory(
+        points=((0.5, 0.5), (0.42, 0.4), (0.6, 0.62), (0.45, 0.7)),
+        fixation_s=0.3,
+        saccade_s=0.04,
+        blink_every_s=2.0,
+        blink_s=0.12,
+    )
     samples, arrival = [], []
     lock = threading.Lock()
     with GazepointSimulator(rate_hz=rate, trajectory=path) as sim:
@@ -92,7 +97,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rates", default="60,120,150,250", help="sample rates in Hz, comma-separated")
     ap.add_argument("--seconds", type=float, default=6.0, help="streaming time per rate")
-    ap.add_argument("--image-s", type=float, default=2.0, help="seconds per image (detection every that often)")
+    ap.add_argument("--image-s", type=float, default=2.0, help="seconds per image (one detection each)")
     args = ap.parse_args(argv)
     rates = [float(r) for r in args.rates.split(",")]
     detect_fixations([], GEOMETRY)  # import pymovements before timing

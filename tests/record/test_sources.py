@@ -92,6 +92,24 @@ def test_gazepoint_connect_calibrate_stream_disconnect_reconnect():
     assert not src.connected
 
 
+def test_a_failing_callback_does_not_end_the_stream():
+    got = []
+
+    def on_sample(s):
+        if not got:
+            got.append(None)
+            raise RuntimeError("the consumer broke once")
+        got.append(s)
+
+    with GazepointSimulator(rate_hz=200) as sim:
+        src = GazepointSource(port=sim.port)
+        src.start(on_sample)
+        assert wait_for(lambda: len(got) >= 20)
+        src.stop()
+    assert src.callback_errors == 1 and src.reconnects == 0
+    assert any("callback failed" in m for m in src.messages)
+
+
 def test_gazepoint_waits_for_a_tracker_that_is_not_there_yet():
     port = free_port()
     status = []
