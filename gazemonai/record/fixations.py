@@ -34,16 +34,46 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# imported here, not on first use: pymovements (polars) takes seconds to import, which would land on the
-# annotator's first key press
-from pymovements.events.detection import idt, ivt
-from pymovements.transforms.numpy import pix2deg, pos2vel
-
-from ..errors import InvalidInputError
+from ..errors import GazemonaiError, InvalidInputError
 from .geometry import ViewGeometry, screen_to_image
 from .samples import GazeSample
 
-__all__ = ["Fixation", "Fixations", "detect_fixations", "DEFAULTS"]
+# Imported with the module, not on first use: pymovements (with polars) takes seconds to import, which
+# would land on the annotator's first key press. It is the optional extra `gazemonai[record]` (MIT, but
+# it requires pyreadr, AGPL-3.0), so a plain install imports this module and says what is missing on use.
+try:
+    from pymovements.events.detection import idt, ivt
+    from pymovements.transforms.numpy import pix2deg, pos2vel
+except ImportError as e:  # pragma: no cover - the test environment installs it
+    _MISSING = e
+else:
+    _MISSING = None
+
+#: what a user without pymovements is told
+INSTALL_HINT = (
+    "fixation detection needs pymovements: pip install 'gazemonai[record]' (pymovements is MIT; it "
+    "installs pyreadr, AGPL-3.0)"
+)
+
+
+class DetectorUnavailableError(GazemonaiError, ImportError):
+    """The fixation detector's library (pymovements) is not installed."""
+
+
+def require_pymovements() -> None:
+    """Raise :class:`DetectorUnavailableError` with the install command when pymovements is absent."""
+    if _MISSING is not None:
+        raise DetectorUnavailableError(f"{INSTALL_HINT} ({_MISSING})")
+
+
+__all__ = [
+    "Fixation",
+    "Fixations",
+    "detect_fixations",
+    "DEFAULTS",
+    "DetectorUnavailableError",
+    "require_pymovements",
+]
 
 #: Default thresholds per method (see the module docstring for the reasons).
 DEFAULTS = {
@@ -170,6 +200,7 @@ def detect_fixations(
     Returns:
         :class:`Fixations`, in time order, with the counts in ``.stats``.
     """
+    require_pymovements()
     if method not in DEFAULTS:
         raise InvalidInputError(f"fixation method {method!r} is not one of {', '.join(DEFAULTS)}")
     params = dict(DEFAULTS[method])

@@ -13,9 +13,9 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-from pymovements.transforms.numpy import pix2deg
 
 from ..errors import InvalidInputError
+from .fixations import require_pymovements
 from .geometry import ViewGeometry
 from .samples import GazeSample
 
@@ -29,6 +29,9 @@ def validation_targets(margin: float = 0.1) -> list[tuple[float, float]]:
 
 
 def _degrees(px: np.ndarray, geometry: ViewGeometry, screen_cm, distance_cm: float) -> np.ndarray:
+    require_pymovements()
+    from pymovements.transforms.numpy import pix2deg
+
     if isinstance(screen_cm, (int, float)):
         screen_cm = (float(screen_cm), float(screen_cm) * geometry.screen_h / geometry.screen_w)
     return pix2deg(px, (geometry.screen_w, geometry.screen_h), tuple(screen_cm), distance_cm, "upper left")

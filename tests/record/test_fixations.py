@@ -208,3 +208,22 @@ def test_bad_settings_are_clear_errors():
     with pytest.raises(InvalidInputError, match="velocity_threshold=-1"):
         detect_fixations([], GEOM, velocity_threshold=-1)
     assert detect_fixations([], GEOM) == [] and Fixation(0, 1, 0, 0).x == 0
+
+
+def test_without_pymovements_the_module_imports_and_use_names_the_install(tmp_path):
+    """pymovements is the optional extra gazemonai[record]: without it, an error on use, not on import."""
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    script = (
+        "import sys; sys.modules['pymovements'] = None; "  # an import of it now fails
+        f"sys.path.insert(0, {str(ROOT)!r}); "
+        "from gazemonai.record import fixations as f; from gazemonai.record.geometry import ViewGeometry\n"
+        "try:\n    f.detect_fixations([], ViewGeometry(0, 1, 1, 0, 0, 1, 0, 0, 1, 1, 1))\n"
+        "except f.DetectorUnavailableError as e:\n    print('ERR', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "ERR fixation detection needs pymovements: pip install 'gazemonai[record]'" in out.stdout
