@@ -75,6 +75,9 @@ __all__ = [
     "require_pymovements",
 ]
 
+#: A time step longer than this many median sample intervals is a hole in the stream (see ``gaps``).
+GAP_FACTOR = 2.5
+
 #: Default thresholds per method (see the module docstring for the reasons).
 DEFAULTS = {
     "ivt": {"velocity_threshold": 30.0, "minimum_duration_ms": 60.0},
@@ -103,8 +106,9 @@ class Fixations(list):
     """A list of :class:`Fixation` with ``stats``: what was counted on the way.
 
     ``stats`` keys: ``samples`` (in), ``invalid`` (flagged or NaN), ``no_geometry`` (before the first
-    geometry), ``segments``, ``detected``, ``outside`` (centre outside the image, dropped), ``fixations``
-    (kept).
+    geometry), ``segments``, ``gaps`` (holes in the stream longer than :data:`GAP_FACTOR` sample
+    intervals, e.g. a tracker reconnecting; no fixation spans one), ``detected``, ``outside`` (centre
+    outside the image, dropped), ``fixations`` (kept).
     """
 
     def __init__(self, items=(), stats: dict | None = None):
@@ -218,6 +222,7 @@ def detect_fixations(
         geometries = [geometries]
 
     stats = {
+        "gaps": 0,
         "samples": len(samples),
         "invalid": 0,
         "no_geometry": 0,
@@ -242,7 +247,14 @@ def detect_fixations(
             raise InvalidInputError(f"gaze samples from t={t[0]}: time stamps do not advance")
         px = xy * np.array([g.screen_w, g.screen_h])
         deg = _to_degrees(px, g, screen_width_cm, distance_cm)
-        for first, last in _events(deg, t_ms, dt_ms, method, params):
+        # a hole in the stream (a tracker that reconnected, samples lost on the way) ends a run: the
+        # velocity across it would be made up, and no fixation may span time without samples
+        cuts = np.nonzero(np.diff(t_ms) > GAP_FACTOR * dt_ms)[0] + 1
+        stats["gaps"] += len(cuts)
+        events = []
+        for lo, hi in zip([0, *cuts.tolist()], [*cuts.tolist(), len(t_ms)]):
+            events += [(lo + a, lo + b) for a, b in _events(deg[lo:hi], t_ms[lo:hi], dt_ms, method, params)]
+        for first, last in events:
             stats["detected"] += 1
             keep = ~bad[first : last + 1]
             if not keep.any():

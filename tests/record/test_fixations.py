@@ -69,6 +69,7 @@ def test_a_fixation_a_saccade_a_fixation_preceding_velocity():
     got = detect_fixations(as_samples(trace_px()), [GEOM], velocity_method="preceding")
     check(got, [(0.0, 300.0, 0.5, 0.5), (0.34, 190.0, 0.8, 0.9)])
     assert got.stats == {
+        "gaps": 0,
         "samples": 53,
         "invalid": 0,
         "no_geometry": 0,
@@ -114,6 +115,15 @@ def test_a_nan_position_flagged_valid_counts_as_invalid():
     got = detect_fixations(samples, GEOM, velocity_method="preceding")
     assert got.stats["invalid"] == 1
     check(got, [(0.0, 300.0, 0.5, 0.5), (0.42, 110.0, 0.8, 0.9)])  # 34..39 is 50 ms < 60: dropped
+
+
+def test_a_hole_in_the_stream_ends_a_fixation():
+    # samples 10..19 never arrived (a tracker reconnecting): 0..9 and 20..29 are two fixations of 100 ms,
+    # not one of 300 ms across 100 ms without data
+    samples = [s for i, s in enumerate(as_samples(trace_px())) if not 10 <= i < 20]
+    got = detect_fixations(samples, GEOM, velocity_method="preceding")
+    check(got, [(0.0, 100.0, 0.5, 0.5), (0.2, 100.0, 0.5, 0.5), (0.34, 190.0, 0.8, 0.9)])
+    assert got.stats["gaps"] == 1 and got.stats["invalid"] == 0
 
 
 def test_short_fixations_are_dropped_and_the_minimum_is_settable():
