@@ -90,6 +90,14 @@ def test_gazepoint_connect_calibrate_stream_disconnect_reconnect():
     assert times == sorted(times) and len(set(times)) == len(times)  # the half record made no sample
     assert src.skipped >= 9 * 2 + 1  # CAL lines and ACKs are not samples
     assert not src.connected
+    assert src.gaps >= 1  # the tracker's CNT jumped over the records sent while we were away
+    # detection across the fault: the hole ends whatever fixation was under way, and is counted
+    g = ViewGeometry(0.0, 1920, 1080, 0, 0, 1.0, 420, 0, 1.8, 600, 600)
+    fx = detect_fixations(got.samples, g)
+    assert fx.stats["gaps"] == 1 and fx.stats["samples"] == len(got.samples) and len(fx) >= 2
+    hole = max(zip(times, times[1:]), key=lambda p: p[1] - p[0])
+    last_sample = [f.start + f.duration_ms / 1000 - 1 / 150 for f in fx]  # duration = last - first + 1/rate
+    assert not any(f.start <= hole[0] and end >= hole[1] - 1e-6 for f, end in zip(fx, last_sample))
 
 
 def test_a_failing_callback_does_not_end_the_stream():
