@@ -4,6 +4,7 @@
     gazemonai.prep                             files in, arrays out
     gazemonai.gaze                             fixations -> pseudo-masks
     gazemonai.train                            multi-level training pieces
+    gazemonai.record                           gaze recording (beside train: neither imports the other)
     gazemonai.serve                            staging, MLflow registry, export
     gazemonai.report                           pictures of a run
     gazemonai.cli, gazemonai.demo              entry points
@@ -26,6 +27,7 @@ LAYERS = {
     "gazemonai.prep": 1,
     "gazemonai.gaze": 2,
     "gazemonai.train": 3,
+    "gazemonai.record": 3,
     "gazemonai.serve": 4,
     "gazemonai.report": 5,
     "gazemonai.cli": 6,
@@ -103,6 +105,20 @@ def test_every_module_imports_only_below_or_beside_its_layer():
     assert len(graph) > 30
     assert not _upward(graph), "\n".join(_upward(graph))
     assert not graph["gazemonai.errors"] and not graph["gazemonai.metrics"]  # the foundations
+
+
+def test_record_and_train_serve_never_import_each_other():
+    """gazemonai.record (gaze recording) sits beside train: it imports none of train/serve, nor they it."""
+    graph = _graph()
+    crossing = [
+        f"{m} imports {d}"
+        for m, deps in graph.items()
+        for d in deps
+        if (m.startswith("gazemonai.record") and d.startswith(("gazemonai.train", "gazemonai.serve")))
+        or (m.startswith(("gazemonai.train", "gazemonai.serve")) and d.startswith("gazemonai.record"))
+    ]
+    assert any(m.startswith("gazemonai.record.") for m in graph)
+    assert not crossing, "\n".join(crossing)
 
 
 def test_no_import_cycles():
