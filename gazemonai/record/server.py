@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ImageReadError, InvalidInputError, MissingInputError
+from ..errors import GazemonaiError, ImageReadError, InvalidInputError, MissingInputError
 from ..gaze.pseudo_masks import PRESETS, PseudoMaskConfig, make_pseudo_masks
 from ..prep.io import IMAGE_EXTENSIONS, read_image, validate_image_name
 from .fixations import detect_fixations
@@ -495,7 +495,12 @@ class AnnotationSession:
                 lo, hi = bisect.bisect_left(self._sample_t, t0), bisect.bisect_left(self._sample_t, t1)
                 points.append(viewport_to_screen(float(tg["cx"]), float(tg["cy"]), g))
                 per_target.append(self.samples[lo:hi])
-        tracker = self.source.calibrate() if self.source is not None and not self.pointer else None
+        tracker = None
+        if self.source is not None and not self.pointer:
+            try:  # the tracker's own calibration, where it has one (Gazepoint: CALIBRATE_START)
+                tracker = self.source.calibrate()
+            except GazemonaiError as e:
+                tracker = {"error": f"the tracker's calibration failed: {e}"}
         acc = validation_accuracy(
             points, per_target, g, screen_cm=self.screen_width_cm, distance_cm=self.distance_cm
         )
@@ -647,7 +652,7 @@ def make_app(session: AnnotationSession):
         async def endpoint(request: Request):
             try:
                 return await fn(request)
-            except (InvalidInputError, MissingInputError, KeyError, TypeError, ValueError) as e:
+            except (GazemonaiError, KeyError, TypeError, ValueError) as e:
                 return JSONResponse({"error": str(e) if not isinstance(e, KeyError) else f"missing {e}"}, 400)
 
         return endpoint
