@@ -32,6 +32,7 @@ import os
 import random
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -244,15 +245,36 @@ class AnnotationSession:
         self.accuracy: dict | None = None
         self.events_path = self.raw_dir / f"{self.recording}.events.jsonl"
         self.raw_path = self.writer.raw_path(self.recording)
+        self._raw_queue = ThreadPoolExecutor(max_workers=1, thread_name_prefix="annotate-raw")
+        self._overlay_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="annotate-overlay")
         self._disconnected_since: float | None = None
         self.disconnects = 0
         self.closed = False
+        self.ready = threading.Event()  # set when the warm-up is done
 
     # ---------------------------------------------------------------- samples and clocks
     def start(self) -> None:
-        """Start the gaze source streaming into this session."""
+        """Start the gaze source streaming into this session (and warm the overlay's code path up)."""
+        threading.Thread(target=self._warm_up, daemon=True, name="annotate-warm-up").start()
         if self.source is not None:
             self.source.start(self.on_sample)
+
+    def _warm_up(self) -> None:
+        """Run fixation detection and the pseudo-mask chain once on a tiny made-up image.
+
+        Their first call imports and initialises libraries (pymovements/polars, the dense CRF) for
+        seconds; done here, while the annotator calibrates, the first image's overlay is as quick as
+        the others.
+        """
+        try:
+            g = ViewGeometry(0.0, 100.0, 100.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 64, 48)
+            trace = [GazeSample(k / 60, 0.3, 0.3, True) for k in range(12)]
+            detect_fixations(trace, [g], method=self.method, **self.thresholds)
+            make_pseudo_masks(np.full((48, 64, 3), 128, np.uint8), np.array([[0.5, 0.5, 200.0]]), self.config)
+            _png(overlay_rgba(np.zeros((8, 8), np.float32), np.zeros((1, 8, 8), np.uint8)))
+        except Exception:  # only a warm-up: the real call reports any problem
+            logger.debug("warm-up failed", exc_info=True)
+        self.ready.set()
 
     def add_samples(self, samples) -> int:
         """Store samples (the source's callback, or the page's pointer batches); returns how many."""
@@ -330,6 +352,8 @@ class AnnotationSession:
         name = self.images[index]
         with self._lock:
             self.current = {"index": index, "image": name, "t0": ts, "geometries": [g], "resized": 0}
+            # read (decode) the image now, for its overlay at the key press
+            self.current["image_job"] = self._overlay_pool.submit(read_image, self.images_dir / name)
         self._event({"event": "begin", "index": index, "image": name, "t": ts, "geometry": asdict(g)})
         return {"image": name, "index": index}
 
@@ -428,6 +452,12 @@ class AnnotationSession:
         with self._lock:
             if name in self.skipped["no_fixations"]:
                 self.skipped["no_fixations"].remove(name)
+        # The overlay is computed while the rows are written (fsync-bound): from the fixations as the
+        # CSV will hold them (x, y by repr, the duration to the writer's 3 decimals). The rows read back
+        # afterwards are what `gazemonai pseudo-masks` reads; should they differ, it is made again from them.
+        guess = np.array([[f.x, f.y, float(f"{f.duration_ms:.3f}")] for f in fixations], dtype=np.float64)
+        image_job = cur.get("image_job")
+        overlay_job = self._overlay_pool.submit(self._pseudo_masks, image_job, guess)
         acc = self.accuracy or {}
         result["rows"] = self.writer.append_image(
             name,
@@ -441,9 +471,14 @@ class AnnotationSession:
             seconds=seconds,
             shown_at=cur["t0"],
         )
-        self.writer.append_raw(self.recording, name, samples, cur["geometries"])
+        # the raw samples follow off the key press's path, in order (one worker); close() waits for them
+        self._raw_queue.submit(self.writer.append_raw, self.recording, name, samples, cur["geometries"])
+        written = self._rows_written(name)
         try:
-            image = read_image(self.images_dir / name)
+            image, pm, png = overlay_job.result()
+            if not np.array_equal(written, guess):
+                pm = make_pseudo_masks(image, written, self.config)
+                png = _png(overlay_rgba(pm.heatmap, pm.levels))
         except ImageReadError as e:
             result["message"] = f"fixations written, but no overlay: {e}"
             self.results[index] = result
@@ -453,20 +488,24 @@ class AnnotationSession:
                 f"the page showed {name} as {g0.image_w}x{g0.image_h}, the file is "
                 f"{image.shape[1]}x{image.shape[0]}"
             )
-        pm = make_pseudo_masks(image, self._rows_written(name), self.config)
         result["levels"] = [
             {"threshold": th, "fraction": round(float(lv.mean()), 4)}
             for th, lv in zip(self.config.thresholds, pm.levels)
         ]
         with self._lock:
-            self.results[index] = {**result, "_heatmap": pm.heatmap, "_levels": pm.levels}
+            self.results[index] = {**result, "_heatmap": pm.heatmap, "_levels": pm.levels, "_png": png}
         return result
+
+    def _pseudo_masks(self, image_job, fixations: np.ndarray):
+        image = image_job.result()
+        pm = make_pseudo_masks(image, fixations, self.config)
+        return image, pm, _png(overlay_rgba(pm.heatmap, pm.levels))
 
     def overlay_png(self, index: int) -> bytes:
         res = self.results.get(index)
-        if not res or "_heatmap" not in res:
+        if not res or "_png" not in res:
             raise MissingInputError(f"no overlay for image {index} yet")
-        return _png(overlay_rgba(res["_heatmap"], res["_levels"]))
+        return res["_png"]
 
     def level_png(self, index: int, level: int) -> bytes:
         res = self.results.get(index)
@@ -559,6 +598,10 @@ class AnnotationSession:
         out["events"] = str(self.events_path)
         return out
 
+    def flush(self) -> None:
+        """Wait until every image's raw samples are on disk."""
+        self._raw_queue.submit(lambda: None).result()
+
     def close(self) -> dict:
         if self.source is not None and not self.closed:
             try:
@@ -566,6 +609,7 @@ class AnnotationSession:
             except Exception:  # a source that died already: its samples are in, nothing more to stop
                 logger.debug("source stop", exc_info=True)
         self.closed = True
+        self._raw_queue.shutdown(wait=True)
         return self.summary()
 
 

@@ -144,6 +144,7 @@ def test_the_page_api_records_fixations_and_overlay(served, tmp_path):
     assert level1[30, 50] and not level1[47, 0]  # the longer fixation is in level 1, a corner is not
 
     # the raw samples and the events of the recording are kept
+    session.flush()
     raw = _rows(session.raw_path)
     assert len(raw) == len(samples) and raw[0]["image"] == "a.png"
     events = [json.loads(x)["event"] for x in session.events_path.read_text().splitlines()]

@@ -8,7 +8,7 @@ const $ = (id) => document.getElementById(id);
 const now = () => (performance.timeOrigin + performance.now()) / 1000;
 const state = {
   phase: "loading", index: -1, images: [], info: null, geometry: null, view: null,
-  calib: null, calibResult: null, lastResult: null, latencies: [], messages: [], summary: null,
+  calib: null, calibResult: null, lastResult: null, latencies: [], latencyParts: [], messages: [], summary: null,
   skipped: 0, pointer: { cx: 0, cy: 0, inside: false },
 };
 window.gazemonai = state; // read by tests and benchmarks
@@ -240,6 +240,7 @@ async function finishImage() {
   const keyAt = performance.now(), t = now(), index = state.index;
   state.phase = "finishing";
   await flushSamples();
+  const flushedAt = performance.now();
   let r;
   try {
     r = await post("/api/finish", { index, t });
@@ -259,9 +260,13 @@ async function finishImage() {
   const swatch = ["#fff", "#0ff", "#f0f", "#ff0", "#0f0"];
   if (r.levels) lines.push("Pseudo-mask levels: " + r.levels.map((l, k) => `<span style="color:${swatch[k % 5]}">■</span> ` +
     `${k + 1} (≥ ${l.threshold}): ${(100 * l.fraction).toFixed(1)} % of the image`).join(", ") + "; heatmap in red–yellow.");
+  const answeredAt = performance.now();
   const done = () => {
+    const end = performance.now();
+    state.latencies.push((end - keyAt) / 1000);
+    state.latencyParts.push({ flush: (flushedAt - keyAt) / 1000, finish: (answeredAt - flushedAt) / 1000,
+      overlay: (end - answeredAt) / 1000 });
     state.phase = "result";
-    state.latencies.push((performance.now() - keyAt) / 1000);
     panel(state.images[index], lines.join("<br>"), "<kbd>Space</kbd> next image &nbsp; <kbd>R</kbd> redo this image");
   };
   if (r.rows > 0 && r.levels) {
