@@ -153,6 +153,7 @@ def pseudo_masks(
     strict: bool = False,
     no_maps: bool = False,
     quiet: bool = False,
+    annotator: str | None = None,
 ):
     """Write heatmaps, CRF-refined maps and per-level pseudo-masks for a dataset folder.
 
@@ -179,6 +180,7 @@ def pseudo_masks(
         strict: treat images missing on disk or without fixations as errors instead of skips.
         no_maps: write only the pseudo-masks, not the heatmap/refined maps.
         quiet: no progress bar.
+        annotator: use only this annotator's fixations (a CSV of `gazemonai annotate` with several).
     """
     from .gaze.dataset import run_pseudo_masks
     from .gaze.pseudo_masks import PRESETS
@@ -229,6 +231,7 @@ def pseudo_masks(
         strict=strict,
         save_maps=not no_maps,
         progress=not quiet,
+        annotator=_text_option("annotator", annotator),
     )
     print(_format_summary(summary, out))
     print(json.dumps(summary))

@@ -199,6 +199,7 @@ def run_pseudo_masks(
     strict: bool = False,
     save_maps: bool = True,
     progress: bool = True,
+    annotator: str | None = None,
 ) -> dict:
     """Make pseudo-masks for every image of ``gaze_csv`` (or of ``ids``) under ``data_root``.
 
@@ -215,6 +216,7 @@ def run_pseudo_masks(
         strict: raise on missing images / images without gaze instead of skipping them.
         save_maps: also write the heatmap and refined map (not only the pseudo-masks).
         progress: show a progress bar.
+        annotator: use only this ``ANNOTATOR``'s fixations (CSVs written by ``gazemonai annotate``).
 
     Returns:
         the summary: counts of done/skipped/failed images, mean Dice per level, output folders.
@@ -227,7 +229,7 @@ def run_pseudo_masks(
     mask_folder = data_root / masks_dir if masks_dir else None
     if mask_folder is not None and not mask_folder.is_dir():
         mask_folder = None
-    fixations = read_fixation_csv(gaze_csv)
+    fixations = read_fixation_csv(gaze_csv, annotator=annotator)
     by_stem = {fx.stem: fx for fx in fixations.values()}
 
     if ids is None:
@@ -346,6 +348,7 @@ def run_pseudo_masks(
             "tool": "gazemonai pseudo-masks",
             "data_root": str(data_root),
             "gaze_csv": str(gaze_csv),
+            "annotator": annotator,
             "config": config.to_dict(),
             "digest": digest,
             "outputs": {

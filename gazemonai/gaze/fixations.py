@@ -8,6 +8,11 @@ The schema is the one of the GazeMedSeg release (Zhong et al., MICCAI 2024), one
 X and Y are normalised to [0, 1] (x by the image width, y by its height, origin top-left) and the
 duration is in milliseconds. Every row is validated; a bad row raises :class:`FixationFormatError`
 naming the file, the line number and what is wrong, so nothing is silently dropped.
+
+Extra columns are accepted and ignored, except ``ANNOTATOR`` (written by ``gazemonai annotate``): the
+fixations of two annotators on one image are never merged. Reading such a file needs ``annotator=``
+(``--annotator`` on the command line) to pick one; without it, an image looked at by more than one
+annotator is an error naming them, while a file whose images each have a single annotator reads as is.
 """
 
 from __future__ import annotations
@@ -139,8 +144,12 @@ def _rows(reader: csv.DictReader):
             raise csv.Error(f"line {reader.line_num + 1}: {e}") from e  # the record that starts there
 
 
-def _read_rows(path: Path, per_image: dict) -> int:
-    """Validate every row of ``path`` into ``per_image``; returns the number of rows."""
+def _read_rows(path: Path, per_image: dict, annotator: str | None = None) -> int:
+    """Validate every row of ``path`` into ``per_image``; returns the number of rows.
+
+    With ``annotator``, rows of other annotators are validated but not kept. Each image's record holds
+    the set of annotators whose rows it has (``"annotators"``; ``None`` when the file has no such column).
+    """
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None:
@@ -151,6 +160,12 @@ def _read_rows(path: Path, per_image: dict) -> int:
             raise FixationFormatError(
                 f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(header)}"
             )
+        if annotator is not None and "ANNOTATOR" not in header:
+            raise FixationFormatError(
+                f"{path}: an annotator ({annotator!r}) was asked for but the file has no ANNOTATOR column"
+            )
+        has_annotator = "ANNOTATOR" in header
+        sizes: dict[str, tuple[tuple[int, int], int]] = {}
         reader.fieldnames = header
         n_rows = 0
         for row in _rows(reader):
@@ -180,18 +195,23 @@ def _read_rows(path: Path, per_image: dict) -> int:
                 raise FixationFormatError(
                     f"{where}: IMAGE_HEIGHT/IMAGE_WIDTH={h}/{w} must be positive integers (image {name})"
                 )
-            rec = per_image.get(name)
-            if rec is None:
-                rec = per_image[name] = {
-                    "hw": (int(h), int(w)),
-                    "first_line": line,
-                    "cols": [],
-                }
-            elif rec["hw"] != (int(h), int(w)):
+            hw, first_line = sizes.setdefault(name, ((int(h), int(w)), line))
+            if hw != (int(h), int(w)):
                 raise FixationFormatError(
                     f"{where}: image {name} has size {int(h)}x{int(w)} here but "
-                    f"{rec['hw'][0]}x{rec['hw'][1]} at line {rec['first_line']}"
+                    f"{hw[0]}x{hw[1]} at line {first_line}"
                 )
+            who = None
+            if has_annotator:
+                who = (row["ANNOTATOR"] or "").strip()
+                if not who:
+                    raise FixationFormatError(f"{where}: ANNOTATOR is empty (image {name})")
+                if annotator is not None and who != annotator:
+                    continue
+            rec = per_image.get(name)
+            if rec is None:
+                rec = per_image[name] = {"hw": hw, "first_line": line, "cols": [], "annotators": set()}
+            rec["annotators"].add(who)
             rec["cols"].append((idx, x, y, dur, start, pupil, line))
     return n_rows
 
@@ -199,6 +219,7 @@ def _read_rows(path: Path, per_image: dict) -> int:
 def read_fixation_csv(
     path: str | os.PathLike,
     images: Iterable[str] | None = None,
+    annotator: str | None = None,
 ) -> dict[str, ImageFixations]:
     """Read and validate a GazeMedSeg-style fixation CSV.
 
@@ -206,6 +227,7 @@ def read_fixation_csv(
         path: the CSV file.
         images: optional subset of ``IMAGE`` values (or their stems) to keep; rows of other images are
             still validated, so a broken file is never half-read.
+        annotator: keep only this ``ANNOTATOR``'s rows (files written by ``gazemonai annotate``).
 
     Returns:
         ``{IMAGE: ImageFixations}``, in order of first appearance, fixations sorted by
@@ -216,7 +238,9 @@ def read_fixation_csv(
         FixationFormatError: for an empty file, missing columns, a non-numeric/NaN/infinite value, a
             coordinate outside [0, 1], a non-positive duration or image size, an IMAGE with a path
             separator or ``..``, duplicated fixation indices, or image sizes that change between
-            rows of one image. The message names the file and line.
+            rows of one image, an ``annotator`` asked of a file without that column or without rows
+            of that annotator, or (without ``annotator``) an image with rows of several annotators.
+            The message names the file and line.
     """
     path = Path(path)
     if not path.is_file():
@@ -230,18 +254,26 @@ def read_fixation_csv(
 
     per_image: dict[str, dict[str, list]] = {}
     try:
-        n_rows = _read_rows(path, per_image)
+        n_rows = _read_rows(path, per_image, annotator)
     except UnicodeDecodeError as e:
         raise FixationFormatError(_decode_error(path, e)) from e
     except csv.Error as e:  # e.g. an unclosed quote swallowing the rest of the file into one field
         raise FixationFormatError(f"{path}, {e}; an unclosed quote?") from e
     if n_rows == 0:
         raise FixationFormatError(f"{path}: the file has a header but no fixation rows")
+    if annotator is not None and not per_image:
+        raise FixationFormatError(f"{path}: no fixation rows of annotator {annotator!r}")
 
     out: dict[str, ImageFixations] = {}
     for name, rec in per_image.items():
         if wanted is not None and name not in wanted and os.path.splitext(name)[0] not in wanted:
             continue
+        if len(rec["annotators"]) > 1:
+            raise FixationFormatError(
+                f"{path}, line {rec['first_line']}: image {name} has fixations of "
+                f"{len(rec['annotators'])} annotators ({', '.join(sorted(rec['annotators']))}); they are "
+                "never merged: choose one with --annotator"
+            )
         arr = np.asarray(rec["cols"], dtype=np.float64)
         order = np.argsort(arr[:, 0], kind="stable")
         arr = arr[order]

@@ -34,11 +34,49 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import InvalidInputError
+from ..errors import GazemonaiError, InvalidInputError
 from .geometry import ViewGeometry, screen_to_image
 from .samples import GazeSample
 
-__all__ = ["Fixation", "Fixations", "detect_fixations", "DEFAULTS"]
+# Imported with the module, not on first use: pymovements (with polars) takes seconds to import, which
+# would land on the annotator's first key press. It is the optional extra `gazemonai[record]` (MIT, but
+# it requires pyreadr, AGPL-3.0), so a plain install imports this module and says what is missing on use.
+try:
+    from pymovements.events.detection import idt, ivt
+    from pymovements.transforms.numpy import pix2deg, pos2vel
+except ImportError as e:  # pragma: no cover - the test environment installs it
+    _MISSING = e
+else:
+    _MISSING = None
+
+#: what a user without pymovements is told
+INSTALL_HINT = (
+    "fixation detection needs pymovements: pip install 'gazemonai[record]' (pymovements is MIT; it "
+    "installs pyreadr, AGPL-3.0)"
+)
+
+
+class DetectorUnavailableError(GazemonaiError, ImportError):
+    """The fixation detector's library (pymovements) is not installed."""
+
+
+def require_pymovements() -> None:
+    """Raise :class:`DetectorUnavailableError` with the install command when pymovements is absent."""
+    if _MISSING is not None:
+        raise DetectorUnavailableError(f"{INSTALL_HINT} ({_MISSING})")
+
+
+__all__ = [
+    "Fixation",
+    "Fixations",
+    "detect_fixations",
+    "DEFAULTS",
+    "DetectorUnavailableError",
+    "require_pymovements",
+]
+
+#: A time step longer than this many median sample intervals is a hole in the stream (see ``gaps``).
+GAP_FACTOR = 2.5
 
 #: Default thresholds per method (see the module docstring for the reasons).
 DEFAULTS = {
@@ -68,8 +106,9 @@ class Fixations(list):
     """A list of :class:`Fixation` with ``stats``: what was counted on the way.
 
     ``stats`` keys: ``samples`` (in), ``invalid`` (flagged or NaN), ``no_geometry`` (before the first
-    geometry), ``segments``, ``detected``, ``outside`` (centre outside the image, dropped), ``fixations``
-    (kept).
+    geometry), ``segments``, ``gaps`` (holes in the stream longer than :data:`GAP_FACTOR` sample
+    intervals, e.g. a tracker reconnecting; no fixation spans one), ``detected``, ``outside`` (centre
+    outside the image, dropped), ``fixations`` (kept).
     """
 
     def __init__(self, items=(), stats: dict | None = None):
@@ -96,8 +135,6 @@ def _segments(samples: Sequence[GazeSample], geometries: Sequence[ViewGeometry],
 
 
 def _to_degrees(px: np.ndarray, g: ViewGeometry, screen_width_cm: float, distance_cm: float) -> np.ndarray:
-    from pymovements.transforms.numpy import pix2deg
-
     screen_cm = (screen_width_cm, screen_width_cm * g.screen_h / g.screen_w)
     return pix2deg(px, (g.screen_w, g.screen_h), screen_cm, distance_cm, "upper left")
 
@@ -106,9 +143,6 @@ def _events(
     deg: np.ndarray, t_ms: np.ndarray, dt_ms: float, method: str, params: dict
 ) -> list[tuple[int, int]]:
     """(first, last) sample indices of each fixation pymovements finds in one segment."""
-    from pymovements.events.detection import idt, ivt
-    from pymovements.transforms.numpy import pos2vel
-
     n = len(t_ms)
     if method == "ivt":
         if n < 5 and params["velocity_method"] == "smooth" or n < 2:
@@ -128,8 +162,17 @@ def _events(
     min_samples = max(2, int(math.ceil(params["minimum_duration_ms"] / dt_ms - 1e-9)))
     if n < min_samples:
         return []
-    ev = idt(deg, minimum_duration=min_samples, dispersion_threshold=params["dispersion_threshold"]).frame
-    return list(zip(ev["onset"].to_list(), ev["offset"].to_list()))
+    thr = params["dispersion_threshold"]
+    ev = idt(deg, minimum_duration=min_samples, dispersion_threshold=thr).frame
+    out = []
+    for first, last in zip(ev["onset"].to_list(), ev["offset"].to_list()):
+        # pymovements' I-DT offset is the sample whose addition broke the threshold (the first one after
+        # the fixation; its issue #527 on offsets) except at the end of the data: keep only samples within.
+        window = deg[first : last + 1]
+        if last > first and np.nanmax(window, 0).sum() - np.nanmin(window, 0).sum() > thr:
+            last -= 1
+        out.append((first, last))
+    return out
 
 
 def detect_fixations(
@@ -161,6 +204,7 @@ def detect_fixations(
     Returns:
         :class:`Fixations`, in time order, with the counts in ``.stats``.
     """
+    require_pymovements()
     if method not in DEFAULTS:
         raise InvalidInputError(f"fixation method {method!r} is not one of {', '.join(DEFAULTS)}")
     params = dict(DEFAULTS[method])
@@ -178,6 +222,7 @@ def detect_fixations(
         geometries = [geometries]
 
     stats = {
+        "gaps": 0,
         "samples": len(samples),
         "invalid": 0,
         "no_geometry": 0,
@@ -202,7 +247,14 @@ def detect_fixations(
             raise InvalidInputError(f"gaze samples from t={t[0]}: time stamps do not advance")
         px = xy * np.array([g.screen_w, g.screen_h])
         deg = _to_degrees(px, g, screen_width_cm, distance_cm)
-        for first, last in _events(deg, t_ms, dt_ms, method, params):
+        # a hole in the stream (a tracker that reconnected, samples lost on the way) ends a run: the
+        # velocity across it would be made up, and no fixation may span time without samples
+        cuts = np.nonzero(np.diff(t_ms) > GAP_FACTOR * dt_ms)[0] + 1
+        stats["gaps"] += len(cuts)
+        events = []
+        for lo, hi in zip([0, *cuts.tolist()], [*cuts.tolist(), len(t_ms)]):
+            events += [(lo + a, lo + b) for a, b in _events(deg[lo:hi], t_ms[lo:hi], dt_ms, method, params)]
+        for first, last in events:
             stats["detected"] += 1
             keep = ~bad[first : last + 1]
             if not keep.any():

@@ -184,11 +184,17 @@ class GazepointSimulator:
     def __exit__(self, *exc):
         self.stop()
 
-    def drop_clients(self) -> int:
-        """Close every client connection (a disconnect mid-stream); returns how many were closed."""
+    def drop_clients(self, partial: bytes = b"") -> int:
+        """Close every client connection (a disconnect mid-stream); returns how many were closed.
+
+        Args:
+            partial: bytes sent just before closing, e.g. half a record (a cable pulled mid-line).
+        """
         with self._lock:
             clients, self._clients = self._clients, []
         for c in clients:
+            if partial:
+                c.send(partial)
             c.alive = False
             try:
                 c.conn.shutdown(socket.SHUT_RDWR)

@@ -53,8 +53,22 @@ class GazeSource:
 
     def __init__(self, on_status: Callable[[str], None] | None = None):
         self.messages: list[str] = []
+        self.callback_errors = 0
         self.on_status = on_status
         self._on_sample: Callable[[GazeSample], None] | None = None
+
+    def _deliver(self, sample: GazeSample) -> None:
+        """Hand ``sample`` to ``on_sample``; an error there is logged and counted, never ends the stream."""
+        callback = self._on_sample
+        if callback is None:
+            return
+        try:
+            callback(sample)
+        except Exception:
+            self.callback_errors += 1
+            log.exception("%s source: the sample callback failed on %s", self.name, sample)
+            if self.callback_errors == 1:
+                self._status("the sample callback failed (logged); the stream goes on")
 
     def _status(self, message: str) -> None:
         self.messages.append(message)
@@ -137,10 +151,9 @@ class ReplaySource(GazeSource):
                 wait = t_wall0 + (s.t - t_file0) / self.speed - time.monotonic()
                 if wait > 0 and self._stop.wait(wait):
                     break
-            callback = self._on_sample
-            if callback is None:
+            if self._on_sample is None:
                 break
-            callback(GazeSample(s.t + shift, s.x, s.y, s.valid) if shift else s)
+            self._deliver(GazeSample(s.t + shift, s.x, s.y, s.valid) if shift else s)
             self.delivered += 1
         self._done.set()
 
@@ -317,9 +330,7 @@ class GazepointSource(GazeSource):
                 self.gaps += cnt - self._last_cnt - 1
             self._last_cnt = cnt
         self.received += 1
-        callback = self._on_sample
-        if callback is not None:
-            callback(GazeSample(t, x, y, valid))
+        self._deliver(GazeSample(t, x, y, valid))
 
     # -- calibration ------------------------------------------------------------------------------------
     def _await(self, tag: str, ident: str, timeout: float) -> dict:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..errors import InvalidInputError
+from .fixations import require_pymovements
 from .geometry import ViewGeometry
 from .samples import GazeSample
 
@@ -28,6 +29,7 @@ def validation_targets(margin: float = 0.1) -> list[tuple[float, float]]:
 
 
 def _degrees(px: np.ndarray, geometry: ViewGeometry, screen_cm, distance_cm: float) -> np.ndarray:
+    require_pymovements()
     from pymovements.transforms.numpy import pix2deg
 
     if isinstance(screen_cm, (int, float)):
