@@ -815,8 +815,11 @@ def annotate(
         distance_cm: eye-to-screen distance for degrees.
     """
     from .gaze.pseudo_masks import PRESETS
+    from .record.fixations import require_pymovements
     from .record.server import AnnotationSession, replay_recording, serve
     from .record.sources import make_source
+
+    require_pymovements()  # the optional extra gazemonai[record]: said now, not at the first key press
 
     images = _input_folder("images", _text_option("images", images, False))
     out = _output_file("out", _text_option("out", out, False))
