@@ -90,8 +90,10 @@ def _run_page(pw, chromium, port, n_images, look=None, frames=False):
     page.wait_for_function("window.gazemonai.summary !== null")
     latencies = page.evaluate("window.gazemonai.latencies")
     parts = page.evaluate("window.gazemonai.latencyParts")
+    cpu = [r["server_cpu_s"] for r in page.evaluate("window.gazemonai.results")]
     browser.close()
     parts = {k: round(statistics.median(p[k] for p in parts), 4) for k in parts[0]}
+    parts["server_cpu"] = round(statistics.median(cpu), 4)
     return latencies, outside, gaps, parts
 
 

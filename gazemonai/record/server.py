@@ -410,6 +410,7 @@ class AnnotationSession:
         written; ``self.results[index]`` keeps the heatmap and levels for :meth:`overlay_png`.
         """
         index = self._check_index(index)
+        wall0, cpu0 = time.perf_counter(), time.process_time()
         ts = self.page_to_source(t)
         self._wait_for_samples(ts)
         with self._lock:
@@ -492,6 +493,10 @@ class AnnotationSession:
             {"threshold": th, "fraction": round(float(lv.mean()), 4)}
             for th, lv in zip(self.config.thresholds, pm.levels)
         ]
+        # what the key press cost here: wall time, and the process's CPU time (all threads), which does
+        # not grow when other programs compete for the cores
+        result["server_s"] = round(time.perf_counter() - wall0, 4)
+        result["server_cpu_s"] = round(time.process_time() - cpu0, 4)
         with self._lock:
             self.results[index] = {**result, "_heatmap": pm.heatmap, "_levels": pm.levels, "_png": png}
         return result

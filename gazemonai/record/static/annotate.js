@@ -8,7 +8,7 @@ const $ = (id) => document.getElementById(id);
 const now = () => (performance.timeOrigin + performance.now()) / 1000;
 const state = {
   phase: "loading", index: -1, images: [], info: null, geometry: null, view: null,
-  calib: null, calibResult: null, lastResult: null, latencies: [], latencyParts: [], messages: [], summary: null,
+  calib: null, calibResult: null, lastResult: null, latencies: [], latencyParts: [], results: [], messages: [], summary: null,
   skipped: 0, pointer: { cx: 0, cy: 0, inside: false },
 };
 window.gazemonai = state; // read by tests and benchmarks
@@ -250,6 +250,7 @@ async function finishImage() {
     return;
   }
   state.lastResult = r;
+  state.results.push(r);
   const lines = [`<b>${r.fixations.length}</b> fixations in ${r.seconds.toFixed(1)} s; ${r.rows} rows written.`];
   const st = r.stats || {};
   if (st.invalid) lines.push(`${st.invalid} invalid samples (blinks, lost eye) left out.`);
