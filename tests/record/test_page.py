@@ -180,6 +180,13 @@ def test_the_page_records_what_was_looked_at(tmp_path):
             page.keyboard.press("ArrowRight")  # a pedal sends a key too
             _wait_phase(page, "result")
             result_c = page.evaluate("window.gazemonai.lastResult")
+            # R: look at c again; the new look replaces the annotator's rows of c (kept aside)
+            page.keyboard.press("r")
+            page.wait_for_function("window.gazemonai.phase === 'image' && window.gazemonai.index === 2")
+            page.wait_for_timeout(200)
+            _look(page, COLOURS)
+            page.keyboard.press("Space")
+            _wait_phase(page, "result")
             latencies = page.evaluate("window.gazemonai.latencies")
             page.keyboard.press("Space")
             _wait_phase(page, "end")
@@ -216,7 +223,9 @@ def test_the_page_records_what_was_looked_at(tmp_path):
     assert result_c["resized"] == 1
     assert summary["images"] == 2 and summary["skipped"]["failed_to_load"] == ["b.png"]
     assert summary["seconds_mean"] > 3 * HOLD_S
-    assert len(latencies) == 2 and all(0 < s < 10 for s in latencies)
+    assert len(latencies) == 3 and all(0 < s < 10 for s in latencies)
+    replaced = _rows(tmp_path / "gaze.replaced.csv")  # the first look at c, moved aside by the redo
+    assert [r["IMAGE"] for r in replaced] == ["c.png"] * 3
 
     # the pseudo-masks shown equal those `gazemonai pseudo-masks` makes from the written rows
     made = cli(
@@ -235,3 +244,36 @@ def test_the_page_records_what_was_looked_at(tmp_path):
     key = ("IMAGE", "CURRENT_FIX_X", "CURRENT_FIX_Y", "CURRENT_FIX_DURATION", "SECONDS", "ACCURACY_PX")
     assert [[r[c] for c in key] for r in _rows(replayed)] == [[r[c] for c in key] for r in rows]
     assert ROOT.is_dir()
+
+
+def test_the_page_shows_a_disconnected_tracker(tmp_path):
+    from gazemonai.record.gazepoint import GazepointSimulator
+    from gazemonai.record.server import AnnotationSession, ServerThread, make_app
+    from gazemonai.record.sources import GazepointSource
+
+    _images(tmp_path / "images")
+    sim = GazepointSimulator(rate_hz=60).start()
+    source = GazepointSource(port=sim.port, reconnect_s=0.2)
+    session = AnnotationSession(tmp_path / "images", tmp_path / "gaze.csv", source, annotator="r1")
+    session.start()
+    server = ServerThread(make_app(session))
+    port = server.start_and_wait()
+    try:
+        assert source.wait_connected(10)
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 800, "height": 500})
+            page.goto(f"http://127.0.0.1:{port}/")
+            _wait_phase(page, "start")
+            assert "gazepoint" in page.inner_text("#panel")
+            page.wait_for_function("window.gazemonai.status && window.gazemonai.status.connected")
+            assert not page.is_visible("#banner")
+            sim.stop()  # the tracker goes away
+            page.wait_for_selector("#banner", state="visible", timeout=10000)
+            assert "Eye tracker disconnected" in page.inner_text("#banner")
+            assert "kept" in page.inner_text("#banner")
+            browser.close()
+    finally:
+        server.stop()
+        session.close()
+        sim.stop()
