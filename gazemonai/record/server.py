@@ -539,12 +539,6 @@ class AnnotationSession:
                 lo, hi = bisect.bisect_left(self._sample_t, t0), bisect.bisect_left(self._sample_t, t1)
                 points.append(viewport_to_screen(float(tg["cx"]), float(tg["cy"]), g))
                 per_target.append(self.samples[lo:hi])
-        tracker = None
-        if self.source is not None and not self.pointer:
-            try:  # the tracker's own calibration, where it has one (Gazepoint: CALIBRATE_START)
-                tracker = self.source.calibrate()
-            except GazemonaiError as e:
-                tracker = {"error": f"the tracker's calibration failed: {e}"}
         acc = validation_accuracy(
             points, per_target, g, screen_cm=self.screen_width_cm, distance_cm=self.distance_cm
         )
@@ -552,10 +546,26 @@ class AnnotationSession:
         self._event(
             {"event": "calibration", "targets": targets, "geometry": asdict(g), "accuracy": self.accuracy}
         )
-        out = {k: v for k, v in acc.items() if k in ("px", "deg", "per_target")}
-        if tracker is not None:
-            out["tracker"] = tracker
-        return out
+        return {k: v for k, v in acc.items() if k in ("px", "deg", "per_target")}
+
+    def tracker_calibration(self) -> dict:
+        """Run the tracker's own calibration (before the page's validation), where the source has one.
+
+        Returns:
+            ``{"supported": False}`` (pointer, replay), the tracker's result (Gazepoint: its points and
+            ``ave_error_px``), or ``{"error": ...}`` when it failed (the validation still measures).
+        """
+        if self.source is None or self.pointer:
+            return {"supported": False}
+        try:
+            result = self.source.calibrate()
+        except GazemonaiError as e:
+            return {"supported": True, "error": f"the tracker's calibration failed: {e}"}
+        if result is None:
+            return {"supported": False}
+        result = json.loads(json.dumps(result).replace("NaN", "null"))  # JSON has no NaN
+        self._event({"event": "tracker_calibration", "result": result})
+        return {"supported": True, **result}
 
     # ---------------------------------------------------------------- session
     def info(self) -> dict:
@@ -773,6 +783,12 @@ def make_app(session: AnnotationSession):
 
         return JSONResponse(await run_in_threadpool(session.calibrate, d["targets"], d["geometry"]))
 
+    async def tracker_calibration(request):
+        await body(request)
+        from starlette.concurrency import run_in_threadpool
+
+        return JSONResponse(await run_in_threadpool(session.tracker_calibration))
+
     async def overlay(request):
         return Response(
             session.overlay_png(int(request.path_params["index"])),
@@ -801,6 +817,7 @@ def make_app(session: AnnotationSession):
         Route("/api/finish", handled(finish), methods=["POST"]),
         Route("/api/skip", handled(skip), methods=["POST"]),
         Route("/api/calibration", handled(calibration), methods=["POST"]),
+        Route("/api/tracker-calibration", handled(tracker_calibration), methods=["POST"]),
         Route("/api/overlay/{index:int}.png", handled(overlay)),
         Route("/api/level/{index:int}/{level:int}.png", handled(level)),
         Route("/api/end", handled(end), methods=["POST"]),

@@ -268,6 +268,9 @@ def test_the_page_shows_a_disconnected_tracker(tmp_path):
             assert "gazepoint" in page.inner_text("#panel")
             page.wait_for_function("window.gazemonai.status && window.gazemonai.status.connected")
             assert not page.is_visible("#banner")
+            page.keyboard.press("Space")  # the tracker's own calibration, then the page's validation
+            _wait_phase(page, "calibration")
+            assert page.evaluate("window.gazemonai.trackerCalibration.valid_points") == 9
             sim.stop()  # the tracker goes away
             page.wait_for_selector("#banner", state="visible", timeout=10000)
             assert "Eye tracker disconnected" in page.inner_text("#banner")

@@ -266,6 +266,9 @@ def test_a_tracker_that_disconnects_mid_image_loses_nothing(images, tmp_path):
     try:
         session.start()
         assert source.wait_connected(10)
+        calibration = session.tracker_calibration()  # the tracker's own, before the page's validation
+        assert calibration["supported"] and calibration["valid_points"] == 9
+        assert calibration["ave_error_px"] == pytest.approx(np.hypot(0.01 * 1920, 0.005 * 1080), abs=0.5)
         while not session.samples:
             time.sleep(0.01)
         session.begin_image(0, time.time(), GEO)

@@ -151,12 +151,25 @@ window.addEventListener("resize", () => {
 
 // ------------------------------------------------------------------ calibration / validation
 const CALIB_POINTS = [[.1, .1], [.5, .1], [.9, .1], [.1, .5], [.5, .5], [.9, .5], [.1, .9], [.5, .9], [.9, .9]];
-function startCalibration() {
-  state.phase = "calibration";
-  state.calib = { k: -1, targets: [], busy: false };
+async function startCalibration() {
   $("view").hidden = true;
   $("overlay").hidden = true;
   $("dots").innerHTML = "";
+  if (state.info.source === "gazepoint") {
+    // the tracker's own calibration first (its window shows the points), then the page's validation
+    state.phase = "tracker-calibration";
+    panel("Tracker calibration", "Follow the tracker's calibration points…", "");
+    try {
+      const r = await post("/api/tracker-calibration", {});
+      state.trackerCalibration = r;
+      if (r.error) toast(r.error, 10);
+      else if (r.ave_error_px != null) toast(`tracker calibration: mean error ${r.ave_error_px.toFixed(1)} px`, 10);
+    } catch (e) {
+      toast(`tracker calibration failed: ${e.message}`, 10);
+    }
+  }
+  state.phase = "calibration";
+  state.calib = { k: -1, targets: [], busy: false };
   nextCalibrationPoint();
 }
 function nextCalibrationPoint() {
