@@ -10,13 +10,17 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 
 import numpy as np
 import pytest
-from helpers import cli
+from helpers import ROOT, cli, free_port, wait_http
 from PIL import Image
 
 SCREEN = {"screen_w": 800, "screen_h": 600, "view_x": 0, "view_y": 0, "dpr": 2}
@@ -306,3 +310,45 @@ def test_the_command_refuses_bad_options(images, tmp_path, capsys):
             main(["annotate", *map(str, args)])
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith("gazemonai: error:") and message in err, (args, err)
+
+
+def test_the_command_serves_the_page_until_stopped(images, tmp_path):
+    port = free_port()
+    out = tmp_path / "gaze.csv"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gazemonai",
+            "annotate",
+            "--images",
+            str(images),
+            "--out",
+            str(out),
+            "--port",
+            str(port),
+            "--annotator",
+            "r1",
+        ],  # fmt: skip
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/api/session", proc, seconds=120)
+        api = Api(port)
+        assert json.loads(api.get("/api/session"))["images"] == ["a.png", "b.png", "c.jpg"]
+        api.post("/api/begin", {"index": 2, "t": 5.0, "geometry": GEO})
+        samples, t = _look(5.0, [(20.5, 20.5)])
+        api.post("/api/samples", {"samples": samples, "screen": SCREEN})
+        assert api.post("/api/finish", {"index": 2, "t": t + 0.01})["rows"] == 1
+    finally:
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert f"http://127.0.0.1:{port}/" in stdout
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary["images"] == 1 and summary["annotator"] == "r1" and summary["seconds_mean"] > 0
+    assert [r["IMAGE"] for r in _rows(out)] == ["c.jpg"]
