@@ -170,9 +170,12 @@ def main(argv=None) -> dict:
         }
     shutil.rmtree(work, ignore_errors=True)
     result["load_average_1min"] = round(os.getloadavg()[0], 2)  # other work on the machine while measuring
-    result["overlay_within_0_2_s"] = max(
-        result["pointer"]["overlay_after_key_s"]["max"], result["gazepoint"]["overlay_after_key_s"]["max"]
-    ) <= 0.2
+    result["overlay_within_0_2_s"] = (
+        max(
+            result["pointer"]["overlay_after_key_s"]["max"], result["gazepoint"]["overlay_after_key_s"]["max"]
+        )
+        <= 0.2
+    )
     print(json.dumps(result))
     return result
 
