@@ -99,6 +99,24 @@ def scripted_recording(data: Path, out: Path, n_images: int = 4, seed: int = 0, 
     return raw, log
 
 
+def annotate_step(data: Path, out: Path, seed: int = 0) -> dict:
+    """A recorded gaze stream replayed through ``gazemonai annotate``'s recording path (no browser)."""
+    from .record.fixations import require_pymovements
+    from .record.server import replay_recording
+
+    require_pymovements()
+    raw, events = scripted_recording(data, out / "annotate", seed=seed)
+    rec = replay_recording(
+        data / "images", out / "annotate" / "gaze.csv", raw, events, annotator="demo", recording="demo"
+    )
+    print(
+        f"[annotate] a recorded gaze stream replayed through `gazemonai annotate --source replay`: "
+        f"{rec['fixations']} fixations on {rec['images']} images -> {out / 'annotate' / 'gaze.csv'} "
+        f"({rec['seconds_mean']:.1f} s per image)"
+    )
+    return {k: rec[k] for k in ("images", "fixations", "seconds_mean", "seconds_total")}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="demo_output", help="folder for everything the demo writes")
@@ -122,18 +140,12 @@ def main(argv=None) -> dict:
     for name, v in summary["dice_vs_gt"].items():
         print(f"      {name} (threshold {v['threshold']}): mean Dice vs GT {v['mean_dice']:.3f}")
     result = {"pseudo_masks": summary}
-    from .record.server import replay_recording
+    from .record.fixations import DetectorUnavailableError
 
-    raw, events = scripted_recording(data, out / "annotate", seed=args.seed)
-    rec = replay_recording(
-        data / "images", out / "annotate" / "gaze.csv", raw, events, annotator="demo", recording="demo"
-    )
-    print(
-        f"[annotate] a recorded gaze stream replayed through `gazemonai annotate --source replay`: "
-        f"{rec['fixations']} fixations on {rec['images']} images -> {out / 'annotate' / 'gaze.csv'} "
-        f"({rec['seconds_mean']:.1f} s per image)"
-    )
-    result["annotate"] = {k: rec[k] for k in ("images", "fixations", "seconds_mean", "seconds_total")}
+    try:
+        result["annotate"] = annotate_step(data, out, seed=args.seed)
+    except DetectorUnavailableError as e:  # pymovements is the optional extra gazemonai[record]
+        print(f"[annotate] skipped: {e}")
     if not args.no_train:
         logging.getLogger("ignite").setLevel(logging.WARNING)
         report = run_bundle(out, data, gaze_csv, args.epochs)
