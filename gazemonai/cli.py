@@ -862,6 +862,14 @@ def annotate(
         gaze = make_source("gazepoint", host=_text_option("tracker_host", tracker_host, False), port=tport)
     else:
         gaze = make_source("pointer")
+    import socket
+
+    with socket.socket() as probe:  # a clear message now, rather than uvicorn's exit after the set-up
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as e:
+            raise InvalidInputError(f"--port {port}: cannot listen there ({e.strerror}); use another") from e
     session = AnnotationSession(images, out, gaze, **options)
     if session.already:
         n, who = len(session.already), session.annotator

@@ -295,9 +295,15 @@ def test_a_tracker_that_disconnects_mid_image_loses_nothing(images, tmp_path):
 
 
 def test_the_command_refuses_bad_options(images, tmp_path, capsys):
+    import socket
+
     from gazemonai.cli import main
 
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
     for args, message in (
+        (["--images", images, "--out", tmp_path / "g.csv", "--port", busy.getsockname()[1]], "cannot listen"),
         (["--images", tmp_path / "none", "--out", tmp_path / "g.csv"], "--images"),
         (["--images", images, "--out", tmp_path / "g.csv", "--source", "webcam"], "--source must be"),
         (["--images", images, "--out", tmp_path / "g.csv", "--source", "replay"], "needs --replay"),
@@ -310,6 +316,7 @@ def test_the_command_refuses_bad_options(images, tmp_path, capsys):
             main(["annotate", *map(str, args)])
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith("gazemonai: error:") and message in err, (args, err)
+    busy.close()
 
 
 def test_the_command_serves_the_page_until_stopped(images, tmp_path):
