@@ -58,22 +58,37 @@ function screenGeometry() {
 }
 
 // ------------------------------------------------------------------ pointer source
-// The pointer stands in for gaze: its last position is sampled at 60 Hz (a still pointer is a
-// fixation too), valid while it is over the page; batches go to the server every 100 ms.
-let pending = [];
+// The pointer stands in for gaze, sampled like a 60 Hz tracker: samples on a fixed time grid, each
+// at the position the pointer had at that instant (from the pointer events' own time stamps), so a
+// late timer (a busy machine) delays samples but never leaves a hole or moves them in time; a still
+// pointer is a fixation too. Valid while the pointer is over the page; sent every 100 ms.
+const RATE_HZ = 60, MAX_CATCH_UP_S = 5;
+let pending = [], moves = [], nextT = null;
+function recordMove(e, inside) {
+  const t = (performance.timeOrigin + e.timeStamp) / 1000;
+  moves.push({ t, cx: e.clientX, cy: e.clientY, inside });
+  state.pointer = { cx: e.clientX, cy: e.clientY, inside };
+}
 function samplePointer() {
   if (!state.info || state.info.source !== "pointer") return;
-  const p = state.pointer;
-  pending.push({ t: now(), cx: p.cx, cy: p.cy, valid: p.inside });
+  const end = now();
+  if (nextT === null || end - nextT > MAX_CATCH_UP_S) nextT = end;
+  while (nextT <= end) {
+    while (moves.length > 1 && moves[1].t <= nextT) moves.shift(); // moves[0]: in force at nextT
+    const p = moves.length && moves[0].t <= nextT ? moves[0] : null; // null: not seen yet
+    pending.push({ t: nextT, cx: p ? p.cx : 0, cy: p ? p.cy : 0, valid: p ? p.inside : false });
+    nextT += 1 / RATE_HZ;
+  }
 }
 function flushSamples() {
+  samplePointer(); // every grid instant up to now
   if (!pending.length) return queue;
   const batch = pending;
   pending = [];
   return post("/api/samples", { samples: batch, screen: screenGeometry() }).catch((e) => toast(`samples lost: ${e.message}`));
 }
 document.addEventListener("pointermove", (e) => {
-  state.pointer = { cx: e.clientX, cy: e.clientY, inside: true };
+  recordMove(e, true);
   if (drag) {
     state.view.left += e.clientX - drag.x;
     state.view.top += e.clientY - drag.y;
@@ -81,8 +96,7 @@ document.addEventListener("pointermove", (e) => {
     applyView("pan");
   }
 });
-document.addEventListener("pointerleave", () => { state.pointer.inside = false; });
-document.documentElement.addEventListener("mouseleave", () => { state.pointer.inside = false; });
+document.documentElement.addEventListener("mouseleave", (e) => recordMove(e, false));
 
 // ------------------------------------------------------------------ view: fit, zoom, pan
 let drag = null;
