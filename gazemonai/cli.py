@@ -10,6 +10,7 @@ Commands::
     gazemonai export        --bundle-dir DIR --checkpoint PT --out DIR [--format torchscript,onnx]
     gazemonai report        --dataset-dir DIR --gaze-csv CSV --run-dir RUN --bundle-dir DIR --out DIR
     gazemonai segment-volume --volume MR.nii.gz --out MASK.nii.gz --bundle-dir DIR --checkpoint PT
+    gazemonai annotate      --images DIR --out gaze.csv [--port 8765] [--source pointer|gazepoint|replay]
     gazemonai prepare-slices --out DIR (--nifti-images DIR --nifti-masks DIR
                                         | --dicom-root DIR --labels-root DIR)
 
@@ -31,6 +32,7 @@ from pathlib import Path
 from .errors import GazemonaiError, InvalidInputError, MissingInputError
 
 __all__ = [
+    "annotate",
     "evaluate",
     "export",
     "main",
@@ -763,6 +765,119 @@ def derive_image_labels(
     )
 
 
+def annotate(
+    images: str,
+    out: str,
+    port: int = 8765,
+    source: str = "pointer",
+    annotator: str = "annotator",
+    order: str = "name",
+    seed: int = 0,
+    again: bool = False,
+    replay: str | None = None,
+    events: str | None = None,
+    speed: float = 1.0,
+    tracker_host: str = "127.0.0.1",
+    tracker_port: int = 4242,
+    preset: str = "kvasir",
+    calibration_seconds: float = 0.8,
+    screen_width_cm: float | None = None,
+    distance_cm: float = 60.0,
+):
+    """Record gaze on a folder of images: a local page shows them one after another; look, press Space.
+
+    Opens http://127.0.0.1:PORT/ (a 9-point validation first, then each image full-screen; zoom with
+    the wheel, pan by dragging; after each image its heatmap and pseudo-mask levels; R redoes it).
+    Fixations go to OUT (GazeMedSeg columns + ANNOTATOR, RECORDING, ACCURACY_PX/DEG, SECONDS), one
+    image at a time; raw samples and the page's events to OUT's folder, <OUT stem>_raw/.
+    With --source replay --replay RAW --events EVENTS no page is served: the recording is made again.
+
+    Args:
+        images: folder of images to annotate.
+        out: the fixation CSV to append to (rows already there are kept).
+        port: the page's port on 127.0.0.1.
+        source: gaze source: pointer (the mouse stands in for gaze), gazepoint (Open Gaze API tracker),
+            replay (a raw sample file, --replay).
+        annotator: annotator id (rows of different annotators are kept apart; this annotator's images
+            already in OUT are left out unless --again).
+        order: name, random (with --seed) or a file of image names, one a line.
+        seed: shuffle seed for --order random.
+        again: show images this annotator already recorded in OUT too (their rows are replaced, the
+            old ones kept in <OUT stem>.replaced.csv).
+        replay: raw sample file for --source replay.
+        events: a recording's events file (<recording>.events.jsonl): replay headless, no page.
+        speed: replay speed (1 = as recorded).
+        tracker_host: host of the Gazepoint Open Gaze API server (Gazepoint Control).
+        tracker_port: Gazepoint server port.
+        preset: pseudo-mask parameters of the overlay, kvasir or prostate.
+        calibration_seconds: seconds of gaze taken at each validation point.
+        screen_width_cm: the screen's width, for the validation accuracy in degrees.
+        distance_cm: eye-to-screen distance for degrees.
+    """
+    from .gaze.pseudo_masks import PRESETS
+    from .record.fixations import require_pymovements
+    from .record.server import AnnotationSession, replay_recording, serve
+    from .record.sources import make_source
+
+    require_pymovements()  # the optional extra gazemonai[record]: said now, not at the first key press
+
+    images = _input_folder("images", _text_option("images", images, False))
+    out = _output_file("out", _text_option("out", out, False))
+    port = _int_option("port", port, 1, optional=False)
+    if port > 65535:
+        raise InvalidInputError(f"--port must be <= 65535, got {port}")
+    source = _text_option("source", source, False)
+    if source not in ("pointer", "gazepoint", "replay"):
+        raise InvalidInputError(f"--source must be pointer, gazepoint or replay, got {source!r}")
+    preset = _text_option("preset", preset, False)
+    if preset not in PRESETS:
+        raise InvalidInputError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
+    options = {
+        "annotator": _text_option("annotator", annotator, False),
+        "order": _text_option("order", order, False),
+        "seed": _int_option("seed", seed, 0, optional=False),
+        "again": _bool_option("again", again),
+        "config": PRESETS[preset],
+        "calibration_point_s": _number_option("calibration_seconds", calibration_seconds),
+        "screen_width_cm": _number_option("screen_width_cm", screen_width_cm),
+        "distance_cm": _number_option("distance_cm", distance_cm),
+    }
+    replay, events = _text_option("replay", replay), _text_option("events", events)
+    if source == "replay" and replay is None:
+        raise InvalidInputError("--source replay needs --replay RAW.csv (a raw sample file)")
+    if source != "replay" and (replay or events):
+        raise InvalidInputError("--replay and --events go with --source replay")
+    if events is not None:
+        if not Path(events).is_file():
+            raise InvalidInputError(f"--events {events}: file not found")
+        summary = replay_recording(images, out, replay, events, **options)
+        print(f"replayed {len(summary['results'])} images into {out}")
+        print(json.dumps({k: v for k, v in summary.items() if k != "results"}))
+        return
+    speed = _number_option("speed", speed)
+    if source == "replay":
+        gaze = make_source("replay", path=replay, speed=speed)
+    elif source == "gazepoint":
+        tport = _int_option("tracker_port", tracker_port, 1, optional=False)
+        gaze = make_source("gazepoint", host=_text_option("tracker_host", tracker_host, False), port=tport)
+    else:
+        gaze = make_source("pointer")
+    import socket
+
+    with socket.socket() as probe:  # a clear message now, rather than uvicorn's exit after the set-up
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as e:
+            raise InvalidInputError(f"--port {port}: cannot listen there ({e.strerror}); use another") from e
+    session = AnnotationSession(images, out, gaze, **options)
+    if session.already:
+        n, who = len(session.already), session.annotator
+        print(f"{n} images already in {out} for annotator {who}: left out (--again shows them)")
+    summary = serve(session, port=port)
+    print(json.dumps(summary))
+
+
 COMMANDS = {
     "pseudo-masks": pseudo_masks,
     "simulate-gaze": simulate_gaze,
@@ -774,6 +889,7 @@ COMMANDS = {
     "segment-volume": segment_volume,
     "prepare-slices": prepare_slices,
     "derive-image-labels": derive_image_labels,
+    "annotate": annotate,
 }
 
 

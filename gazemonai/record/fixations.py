@@ -145,7 +145,9 @@ def _events(
     """(first, last) sample indices of each fixation pymovements finds in one segment."""
     n = len(t_ms)
     if method == "ivt":
-        if n < 5 and params["velocity_method"] == "smooth" or n < 2:
+        # pymovements' pos2vel needs 6 samples for "smooth", 3 for "neighbors", 2 for "preceding"; a
+        # shorter segment (e.g. between two wheel steps of a zoom) holds no fixation
+        if n < {"smooth": 6, "neighbors": 3}.get(params["velocity_method"], 2):
             return []
         vel = pos2vel(deg, sampling_rate=1000.0 / dt_ms, method=params["velocity_method"])
         ev = ivt(

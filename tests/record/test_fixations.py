@@ -139,6 +139,16 @@ def test_a_pan_splits_a_fixation_and_each_part_is_mapped_through_its_own_geometr
     assert got.stats["segments"] == 2
 
 
+def test_a_segment_too_short_for_the_smooth_velocity_is_skipped():
+    # The page reports every wheel step and drag move, so a segment may hold five samples; pymovements'
+    # "smooth" velocity needs six. Such a segment holds no fixation; the rest are found as without it.
+    samples = as_samples(trace_px())
+    later = ViewGeometry(**{**GEOM.__dict__, "t": 0.045})  # the same placement, reported again
+    got = detect_fixations(samples, [GEOM, later])
+    alone = detect_fixations(samples[5:], [later])
+    assert got == alone and len(got) == 2 and got.stats["segments"] == 2
+
+
 def test_zoom_and_letterbox_map_to_image_pixels():
     # zoom 3x about the image: scale 6, the image's left edge at viewport -200, top at -100.
     zoomed = ViewGeometry(**{**GEOM.__dict__, "scale": 6.0, "left": -200.0, "top": -100.0})
