@@ -694,6 +694,15 @@ def _manifest_cases(dataset_dir: Path, patients) -> list:
     return out
 
 
+def _bound_crop_size(size: int) -> None:
+    """Refuse a ``--size`` whose one crop cannot fit in memory (PIL holds 4 bytes a pixel)."""
+    from .prep.limits import available_memory, check_memory
+
+    available = available_memory()
+    largest = math.isqrt(available // 4)
+    check_memory("--size", size, 4.0 * size * size, "one crop", largest=largest, available=available)
+
+
 def derive_image_labels(
     dataset_dir: str,
     out: str,
@@ -754,6 +763,7 @@ def derive_image_labels(
     _output_folder("out", out, create=False, inputs={"dataset_dir": dataset_dir}, writes=writes)
     if kind == "crops":
         size = _int_option("size", size, 8, optional=False)
+        _bound_crop_size(size)
         summary = derive_crop_labels(
             dataset_dir,
             train_ids,

@@ -18,7 +18,9 @@ from numbers import Integral, Real
 from pathlib import Path
 
 from ..errors import InvalidInputError, MissingInputError
+from ..gaze.heatmap import check_sigma
 from ..gaze.pseudo_masks import MIN_MAX_SIDE
+from ..prep.limits import available_memory, check_memory, check_workers
 
 __all__ = ["check_settings", "exit_on_bad_settings"]
 
@@ -78,6 +80,41 @@ def _number(name: str, value, condition: str, ok) -> None:
     """``value`` must be a finite number for which ``ok`` holds; ``condition`` says which, for the message."""
     if not (_is_number(value) and ok(float(value))):
         raise InvalidInputError(f"{name} must be a number {condition}, got {value!r}")
+
+
+def device_memory() -> int:
+    """The most memory one step may use here: the host's free memory, or a GPU's whole, whichever is more."""
+    import torch
+
+    memory = available_memory()
+    if torch.cuda.is_available():
+        gpus = range(torch.cuda.device_count())
+        memory = max(memory, *(torch.cuda.get_device_properties(i).total_memory for i in gpus))
+    return memory
+
+
+def _fits_memory(image_size, batch_size, features, in_channels) -> None:
+    """Refuse an ``image_size`` whose first network layer alone cannot fit this machine's memory.
+
+    A lower bound of what one step needs: the batch of inputs and the two ``features[0]``-channel
+    float32 maps of the network's first block (kept for the backward pass in training; produced one
+    after the other in inference), at full resolution. Anything bigger does not fit either, so only
+    sizes that certainly cannot run are refused, at once, instead of after the kernel kills the run.
+    """
+    batch = batch_size if _is_int(batch_size) else 1
+    width = features[0] if _is_list(features) and features and _is_int(features[0]) else 1
+    channels = in_channels if _is_int(in_channels) else 3
+    per_pixel = 4 * batch * (channels + 2 * width)
+    available = device_memory()
+    side = int(math.isqrt(max(available // per_pixel, 1)))
+    check_memory(
+        "image_size",
+        list(image_size),
+        float(image_size[0]) * float(image_size[1]) * per_pixel,
+        f"the first layer of one step (batch_size {batch}, features[0] {width})",
+        largest=f"[{side}, {side}]",
+        available=available,
+    )
 
 
 def check_settings(
@@ -170,12 +207,17 @@ def check_settings(
             )
     if gaze_sigma is not None:
         _number("gaze_sigma", gaze_sigma, "> 0", lambda x: x > 0)
+        check_sigma("gaze_sigma", gaze_sigma)
     if crf_max_side is not None:
         _int("crf_max_side", crf_max_side, MIN_MAX_SIDE)
     if features is not None:
         _ints("features", features, length=6)
     if limit is not None:
         _int("limit", limit, 1)
+    for name, value in (("num_workers", num_workers), ("cache_workers", cache_workers)):
+        check_workers(name, value)
+    if image_size is not None:
+        _fits_memory(image_size, batch_size, features, in_channels)
     for name, value in choices.items():
         if name in _CHOICES:
             if value not in _CHOICES[name]:

@@ -85,6 +85,20 @@ BAD_SETTINGS = {
         {"thresholds": [0.2, 0]},
         "thresholds must be a list of numbers in (0, 1]",
     ),
+    # sizes no machine holds (#26 kind 3): refused at once, naming the bound, not grown until killed
+    "a sigma wider than ten canvases": ("train", {"gaze_sigma": 1e12}, "gaze_sigma must be <= 7680"),
+    "an image size no memory holds": (
+        "train",
+        {"image_size": [100000, 100000]},
+        "image_size [100000, 100000] needs at least 10.2 TiB for the first layer of one step (batch_size 8",
+    ),
+    "an inference image size no memory holds": (
+        "inference",
+        {"image_size": [200000, 200000]},
+        "image_size [200000, 200000] needs at least 5.1 TiB",
+    ),
+    "a hundred thousand loader workers": ("train", {"num_workers": 100000}, "num_workers must be <= "),
+    "a hundred thousand cache workers": ("train", {"cache_workers": 100000}, "cache_workers must be <= "),
 }
 
 
