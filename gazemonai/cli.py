@@ -557,9 +557,14 @@ def report(
         samples: how many images to draw.
         seed: seed of the choice.
     """
+    from .gaze.pseudo_masks import PRESETS
     from .report import write_report
     from .serve.staging import read_run_record
 
+    if preset not in PRESETS:  # before any work, as pseudo-masks does
+        raise InvalidInputError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
+    seed = _int_option("seed", seed, 0, optional=False)
+    samples = _int_option("samples", samples, 1, optional=False)
     record = None
     if run_dir is not None:
         run = Path(_input_folder("run_dir", run_dir))
@@ -573,7 +578,6 @@ def report(
         run_id = run_id or record["run_id"]
     if ids is not None and not isinstance(ids, (list, tuple)):
         ids = [ids]
-    samples = _number_option("samples", samples)
     reads = {"dataset_dir": dataset_dir, "gaze_csv": gaze_csv, "metrics": metrics, "checkpoint": checkpoint}
     writes = ("samples", "curves.png", "dice.png", "report.html")
     result = write_report(
@@ -582,8 +586,8 @@ def report(
         gaze_csv=_text_option("gaze_csv", gaze_csv),
         preset=_text_option("preset", preset, False),
         ids=[str(i) for i in ids] if ids is not None else None,
-        samples=int(samples),
-        seed=int(_number_option("seed", seed, positive=False)),
+        samples=samples,
+        seed=seed,
         checkpoint=_text_option("checkpoint", checkpoint),
         bundle_dir=_text_option("bundle_dir", bundle_dir),
         model_uri=_text_option("model", model),
@@ -869,10 +873,24 @@ def main(argv=None) -> None:
     try:
         _check_flags(argv)
         fire.Fire(COMMANDS, command=argv, name="gazemonai")
-    except GazemonaiError as e:  # the user's input or settings; anything else is a bug: traceback
+    except Exception as e:  # the user's input or settings; anything else is a bug: traceback
+        cause = _input_error(e)  # MONAI wraps a transform's error in its own, several deep
+        if cause is None:
+            raise
         logger.debug("error details", exc_info=True)
-        print(f"gazemonai: error: {e}", file=sys.stderr)
+        print(f"gazemonai: error: {cause}", file=sys.stderr)
         raise SystemExit(2) from e
+
+
+def _input_error(error: BaseException) -> GazemonaiError | None:
+    """The :class:`GazemonaiError` that ``error`` is, or was raised from (``raise ... from``, any depth)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, GazemonaiError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__
+    return None
 
 
 if __name__ == "__main__":

@@ -268,16 +268,20 @@ def _tracking(uri: str):
 
 
 def _reachable(uri: str) -> None:
-    """Ask a tracking server once, failing fast (MLflow's own retries take minutes)."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    fail_fast_http()
+    """Ask a tracking store once, failing fast (MLflow's own retries take minutes).
+
+    Anything but an MLflow store there (a web server of another kind, a file that is not an MLflow
+    database, a scheme MLflow has no store for) is one line naming the URI, not MLflow's traceback.
+    """
+    if uri.startswith(("http://", "https://")):
+        fail_fast_http()
     try:
         mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     except Exception as e:
         if is_outage(e):
             raise _unreachable(uri) from e
-        raise
+        reason = " ".join(_first_line(e).split())[:200]
+        raise InvalidInputError(f"the tracking URI {uri} is not an MLflow tracking store: {reason}") from e
 
 
 def _unreachable(uri: str) -> TrackingUnavailableError:

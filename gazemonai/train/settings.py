@@ -145,6 +145,12 @@ def check_settings(
     image_labels=None,
     image_label_classes=None,
     prompt_checkpoint=None,
+    rotate90=None,
+    eval_split=None,
+    dii_lr=None,
+    dii_interval=None,
+    dcr_weight=None,
+    dcr_ramp_epochs=None,
     **choices,
 ) -> None:
     """Check a bundle's settings; raise on the first bad one, naming it.
@@ -166,6 +172,11 @@ def check_settings(
         image_labels: the stage-1 image labels, an existing folder or CSV file.
         image_label_classes: two different class names (negative, positive).
         prompt_checkpoint: the stage-1 checkpoint stage 2 loads, an existing file.
+        rotate90: true where training rotates by random multiples of 90 degrees: ``image_size`` must
+            then be square (a rotation swaps height and width, and the batch cannot be stacked).
+        eval_split: ``test``, ``val``, ``train`` or a split file name under ``dataset_dir`` (it must exist).
+        dii_lr: > 0. dii_interval: an integer >= 1. dcr_weight: >= 0. dcr_ramp_epochs: an integer >= 0
+            (hybrid supervision; NaN is refused like any other non-number).
         choices: ``supervision``, ``consistency``, ``compute_dtype``, ``train_step``, ``level_init`` (one
             of their values), ``step_in_backward``, ``release_memory``, ``cudnn_benchmark``, ``strong_only``,
             ``dii``, ``dcr`` (booleans: ``True``/``False`` on the command line; ``false`` is a string).
@@ -218,6 +229,19 @@ def check_settings(
         check_workers(name, value)
     if image_size is not None:
         _fits_memory(image_size, batch_size, features, in_channels)
+        if rotate90 is True and image_size[0] != image_size[1]:
+            raise InvalidInputError(
+                f"image_size must be square for training, got {list(image_size)}: the random 90-degree "
+                "rotations swap height and width (train square; inference takes any size)"
+            )
+    if dii_lr is not None:
+        _number("dii_lr", dii_lr, "> 0", lambda x: x > 0)
+    if dii_interval is not None:
+        _int("dii_interval", dii_interval, 1)
+    if dcr_weight is not None:
+        _number("dcr_weight", dcr_weight, ">= 0", lambda x: x >= 0)
+    if dcr_ramp_epochs is not None:
+        _int("dcr_ramp_epochs", dcr_ramp_epochs, 0)
     for name, value in choices.items():
         if name in _CHOICES:
             if value not in _CHOICES[name]:
@@ -231,6 +255,18 @@ def check_settings(
             raise TypeError(f"check_settings() got an unexpected setting {name!r}")
     if dataset_dir is not None and not Path(dataset_dir).is_dir():
         raise MissingInputError(f"dataset_dir {os.fspath(dataset_dir)!r} is not a folder")
+    if eval_split is not None:
+        if not isinstance(eval_split, str) or not eval_split.strip():
+            raise InvalidInputError(
+                f"eval_split must be test, val, train or a split file name, got {eval_split!r}"
+            )
+        if dataset_dir is not None:
+            name = {"test": "test.txt", "val": "train.txt", "train": "train.txt"}.get(eval_split, eval_split)
+            if not (Path(dataset_dir) / name).is_file():
+                raise MissingInputError(
+                    f"eval_split {eval_split!r}: split file not found: {Path(dataset_dir) / name} "
+                    "(give test, val, train or the name of a split file in dataset_dir)"
+                )
     if strong_fraction is not None:
         _number("strong_fraction", strong_fraction, "in (0, 1]", lambda x: 0 < x <= 1)
     if train_fraction is not None:
