@@ -144,3 +144,23 @@ def test_an_input_error_wrapped_by_monai_is_still_one_line(monkeypatch, capsys):
     )
     with pytest.raises(RuntimeError, match="a bug while handling it"):  # not caused by the input: traceback
         cli_module.main(["bug"])
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        (
+            "{'image_size': [0, 64]}",
+            "override image_size must be 2 integers >= 1 (height, width), got [0, 64]",
+        ),
+        ("{'image_size': 'big'}", "override image_size must be 2 integers"),
+        ("{'num_levels': 0}", "override num_levels must be an integer >= 1, got 0"),
+    ],
+)
+def test_register_refuses_an_override_that_predict_would(kvasir_checkpoint, tmp_path, override, words):
+    """Accepted by register, the value used to fail only when the registered model served (#26 kind 5)."""
+    store = f"sqlite:///{tmp_path / 'r.db'}"
+    p = cli("register", "--bundle-dir", "bundles/kvasir_gaze", "--checkpoint", kvasir_checkpoint,
+            "--name", "m", "--tracking-uri", store, "--override", override)  # fmt: skip
+    _one_line(p, words)
+    assert not (tmp_path / "r.db").exists()  # nothing logged

@@ -288,6 +288,28 @@ def _unreachable(uri: str) -> TrackingUnavailableError:
     return TrackingUnavailableError(f"the MLflow tracking server at {uri} cannot be reached")
 
 
+def check_overrides(overrides: dict | None) -> None:
+    """Check ``inference.json`` values as the bundle's own settings check will when the model serves.
+
+    Raises:
+        InvalidInputError: ``override <the settings check's message>``.
+    """
+    import inspect
+
+    from ..errors import GazemonaiError
+    from ..train.settings import check_settings
+
+    known = set(inspect.signature(check_settings).parameters) - {"choices"}
+    for key, value in (overrides or {}).items():
+        try:
+            check_settings(**{key: value})
+        except TypeError:  # a value the settings check does not know (e.g. device)
+            if key in known:
+                raise
+        except GazemonaiError as e:
+            raise InvalidInputError(f"override {e}") from e
+
+
 def register_bundle(
     bundle_dir: str | os.PathLike,
     name: str,
@@ -336,6 +358,7 @@ def register_bundle(
             or path_to_sqlite_uri(str(ckpt.resolve().parent.parent / "outputs" / "mlruns.db"))
         )
     aliases = [_alias(a) for a in aliases]
+    check_overrides(overrides)  # a value predict would refuse is refused now, before anything is logged
     trained = trained_settings(record)
     overrides = {**{k: trained[k] for k in MODEL_SETTINGS if k in trained}, **(overrides or {})}
     with tempfile.TemporaryDirectory() as tmp, _tracking(tracking_uri):
