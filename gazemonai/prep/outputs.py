@@ -96,6 +96,11 @@ def check_output(
             raise InvalidInputError(
                 f"{flag} {path} is the {_flag(option)} {what} it reads; give another {other}"
             )
+        if not folder and path.exists() and given.is_dir() and _inside(path, given):
+            raise InvalidInputError(
+                f"{flag} {path} would overwrite a file of the {_flag(option)} folder {given}; "
+                "give another file"
+            )
         for target in targets[1:]:
             if _inside(given, target):
                 raise InvalidInputError(

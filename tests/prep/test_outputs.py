@@ -117,6 +117,14 @@ OUTPUT_OVER_INPUT = {
         ],  # fmt: skip
         "writing records.jsonl there would overwrite the --split",
     ),
+    "simulate-gaze over one of its masks": (
+        lambda d, v, m, t: ["simulate-gaze", "--masks", d / "masks", "--out", d / "masks" / "synth_000.png"],
+        "would overwrite a file of the --masks folder",
+    ),
+    "segment-volume over a file of its DICOM folder": (
+        lambda d, v, m, t: _seg(v.parent, m, v),
+        "would overwrite a file of the --volume folder",
+    ),
     "simulate-gaze over its split file": (
         lambda d, v, m, t: [
             "simulate-gaze",
