@@ -25,7 +25,6 @@ import inspect
 import json
 import logging
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -86,18 +85,16 @@ def _number_option(name: str, value, positive: bool = True) -> float | None:
     return float(value)
 
 
-def _output_folder(name: str, path, create: bool = True) -> Path:
-    """An output folder that is (or can be made) writable, or one line saying why not.
+def _output_folder(name: str, path, create: bool = True, inputs: dict | None = None, writes=()) -> Path:
+    """An output folder that is (or can be made) writable and holds none of ``inputs``, or one line why not.
 
     With ``create`` it is made now; otherwise only the folder it would be made in is checked.
+    ``inputs`` (option -> path) and ``writes`` (names written inside): see
+    :func:`gazemonai.prep.outputs.check_output`, the check every command shares.
     """
-    path = Path(str(path))
-    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
-    if not existing.is_dir():
-        where = "" if existing == path else f" (in {path})"
-        raise InvalidInputError(f"{_flag(name)}: {existing} is a file, not a folder{where}")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise InvalidInputError(f"{_flag(name)} {path}: {existing} is not writable")
+    from .prep.outputs import check_output
+
+    path = check_output(name, str(path), folder=True, inputs=inputs, writes=writes)
     if create:
         try:
             path.mkdir(parents=True, exist_ok=True)
@@ -106,16 +103,17 @@ def _output_folder(name: str, path, create: bool = True) -> Path:
     return path
 
 
-def _output_file(name: str, path) -> Path:
-    """An output file whose folder exists (created) and is writable."""
+def _output_file(name: str, path, inputs: dict | None = None, suffixes=None) -> Path:
+    """An output file whose folder exists (created) and is writable, that is none of ``inputs``."""
+    from .prep.outputs import check_output
+
     path = Path(str(path))
     if path.is_dir():
         raise InvalidInputError(
             f"{_flag(name)} {path} is a folder; give a file name such as {path / 'gaze.csv'}"
         )
+    check_output(name, path, inputs=inputs, suffixes=suffixes)
     _output_folder(name, path.parent)
-    if path.exists() and not os.access(path, os.W_OK):
-        raise InvalidInputError(f"{_flag(name)} {path}: the file is not writable")
     return path
 
 
@@ -217,7 +215,12 @@ def pseudo_masks(
     if no_crf:
         config = dataclasses.replace(config, refine=False)
     ids = read_ids(split) if split else None
-    _output_folder("out", out, create=False)  # made once the fixation CSV has been read
+    from .gaze.dataset import level_dirs
+
+    reads = {"data_root": data_root, "gaze_csv": gaze_csv, "split": split}
+    reads.update({"images_dir": Path(data_root) / images_dir, "masks_dir": Path(data_root) / masks_dir})
+    writes = ("heatmap", "refined", "records.jsonl", "manifest.json", *level_dirs(len(config.thresholds)))
+    _output_folder("out", out, create=False, inputs=reads, writes=writes)  # made once the CSV has been read
     summary = run_pseudo_masks(
         data_root,
         gaze_csv,
@@ -281,7 +284,7 @@ def simulate_gaze(
     if image_suffix is not None and (not isinstance(image_suffix, str) or not image_suffix.startswith(".")):
         raise InvalidInputError(f"--image-suffix must be an extension such as .jpg, got {image_suffix!r}")
     ids = read_ids(split) if split else None
-    _output_file("out", out)
+    _output_file("out", out, inputs={"masks": masks, "split": split})
     summary = simulate_gaze_folder(masks, out, GazeSimulator(seed=seed), ids=ids, image_suffix=image_suffix)
     print(f"simulated {summary['fixations']} fixations on {summary['images']} images -> {summary['csv']}")
     print(json.dumps(summary))
@@ -405,7 +408,7 @@ def evaluate(
         "dataset_dir": _input_folder("dataset_dir", dataset_dir),
         "eval_split": _text_option("eval_split", eval_split, False),
     }
-    out = _output_folder("out", out)
+    out = _output_folder("out", out, inputs={"dataset_dir": overrides["dataset_dir"]})
     metrics = run_registered_bundle(
         model, "evaluate", out, tracking_uri=_text_option("tracking_uri", tracking_uri), **overrides
     )
@@ -428,7 +431,7 @@ def predict(model: str, images: str, out: str, tracking_uri: str | None = None, 
 
     model = _text_option("model", model, False)
     overrides = {**_dict_option("override", override), "dataset_dir": _input_folder("images", images)}
-    out = _output_folder("out", out)
+    out = _output_folder("out", out, inputs={"images": overrides["dataset_dir"]})
     folder = run_registered_bundle(
         model, "inference", out, tracking_uri=_text_option("tracking_uri", tracking_uri), **overrides
     )
@@ -461,10 +464,13 @@ def export(
 
     formats = format if isinstance(format, (list, tuple)) else str(format).split(",")
     formats = tuple(str(f).strip().lower() for f in formats if str(f).strip())
+    bundle_dir = _text_option("bundle_dir", bundle_dir, False)
+    checkpoint = _text_option("checkpoint", checkpoint)
+    reads = {"bundle_dir": bundle_dir, "checkpoint": checkpoint}
     results = export_bundle(
-        _text_option("bundle_dir", bundle_dir, False),
-        _output_folder("out", out),
-        checkpoint=_text_option("checkpoint", checkpoint),
+        bundle_dir,
+        _output_folder("out", out, inputs=reads, writes=("model.ts", "model.onnx")),
+        checkpoint=checkpoint,
         formats=formats,
         overrides=_dict_option("override", override) or None,
     )
@@ -500,11 +506,15 @@ def segment_volume(
     path = Path(_text_option("volume", volume, False))
     if not path.exists():
         raise InvalidInputError(f"--volume {path}: no such file or DICOM folder")
-    out = _output_file("out", out)
+    from .prep.outputs import VOLUME_SUFFIXES
+
+    checkpoint = _text_option("checkpoint", checkpoint)
+    reads = {"volume": path, "checkpoint": checkpoint}
+    out = _output_file("out", out, inputs=reads, suffixes=VOLUME_SUFFIXES)
     with tempfile.TemporaryDirectory() as tmp:
         predictor = bundle_predictor(
             Path(tmp),
-            checkpoint=_text_option("checkpoint", checkpoint),
+            checkpoint=checkpoint,
             bundle_dir=_text_option("bundle_dir", bundle_dir),
             model_uri=_text_option("model", model),
             tracking_uri=_text_option("tracking_uri", tracking_uri),
@@ -552,9 +562,14 @@ def report(
         samples: how many images to draw.
         seed: seed of the choice.
     """
+    from .gaze.pseudo_masks import PRESETS
     from .report import write_report
     from .serve.staging import read_run_record
 
+    if preset not in PRESETS:  # before any work, as pseudo-masks does
+        raise InvalidInputError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
+    seed = _int_option("seed", seed, 0, optional=False)
+    samples = _int_option("samples", samples, 1, optional=False)
     record = None
     if run_dir is not None:
         run = Path(_input_folder("run_dir", run_dir))
@@ -568,15 +583,16 @@ def report(
         run_id = run_id or record["run_id"]
     if ids is not None and not isinstance(ids, (list, tuple)):
         ids = [ids]
-    samples = _number_option("samples", samples)
+    reads = {"dataset_dir": dataset_dir, "gaze_csv": gaze_csv, "metrics": metrics, "checkpoint": checkpoint}
+    writes = ("samples", "curves.png", "dice.png", "report.html")
     result = write_report(
-        out=_output_folder("out", out),
+        out=_output_folder("out", out, inputs=reads, writes=writes),
         dataset_dir=_input_folder("dataset_dir", dataset_dir),
         gaze_csv=_text_option("gaze_csv", gaze_csv),
         preset=_text_option("preset", preset, False),
         ids=[str(i) for i in ids] if ids is not None else None,
-        samples=int(samples),
-        seed=int(_number_option("seed", seed, positive=False)),
+        samples=samples,
+        seed=seed,
         checkpoint=_text_option("checkpoint", checkpoint),
         bundle_dir=_text_option("bundle_dir", bundle_dir),
         model_uri=_text_option("model", model),
@@ -637,7 +653,10 @@ def prepare_slices(
     seed = _int_option("seed", seed, 0, optional=False)
     if not 0.0 <= _number_option("test_fraction", test_fraction, positive=False) < 1.0:
         raise InvalidInputError(f"--test-fraction must be in [0, 1), got {test_fraction!r}")
-    _output_folder("out", out, create=False)  # made only once every volume has been read in full
+    reads = {"nifti_images": nifti_images, "nifti_masks": nifti_masks, "dicom_root": dicom_root}
+    reads["labels_root"] = labels_root
+    writes = ("images", "masks", "train.txt", "test.txt", "manifest.json")
+    _output_folder("out", out, create=False, inputs=reads, writes=writes)  # made once every volume is read
     cases = nifti_cases(nifti_images, nifti_masks) if nifti else nci_isbi_cases(dicom_root, labels_root)
     if isinstance(test_patients, bool):
         raise InvalidInputError("--test-patients needs a value such as 020,021")
@@ -682,6 +701,15 @@ def _manifest_cases(dataset_dir: Path, patients) -> list:
             paths.append(found)
         out.append(VolumeCase(patient, paths[0], paths[1]))
     return out
+
+
+def _bound_crop_size(size: int) -> None:
+    """Refuse a ``--size`` whose one crop cannot fit in memory (PIL holds 4 bytes a pixel)."""
+    from .prep.limits import available_memory, check_memory
+
+    available = available_memory()
+    largest = math.isqrt(available // 4)
+    check_memory("--size", size, 4.0 * size * size, "one crop", largest=largest, available=available)
 
 
 def derive_image_labels(
@@ -740,9 +768,11 @@ def derive_image_labels(
             "`gazemonai prepare-slices` folder"
         )
     train_ids, val_ids = validation_split(read_split(dataset_dir, "train.txt"), val_fraction, seed, group)
-    _output_folder("out", out, create=False)
+    writes = ("labels.csv", "manifest.json", "polyp", "no_polyp", "gland", "no_gland")
+    _output_folder("out", out, create=False, inputs={"dataset_dir": dataset_dir}, writes=writes)
     if kind == "crops":
         size = _int_option("size", size, 8, optional=False)
+        _bound_crop_size(size)
         summary = derive_crop_labels(
             dataset_dir,
             train_ids,
@@ -962,10 +992,24 @@ def main(argv=None) -> None:
     try:
         _check_flags(argv)
         fire.Fire(COMMANDS, command=argv, name="gazemonai")
-    except GazemonaiError as e:  # the user's input or settings; anything else is a bug: traceback
+    except Exception as e:  # the user's input or settings; anything else is a bug: traceback
+        cause = _input_error(e)  # MONAI wraps a transform's error in its own, several deep
+        if cause is None:
+            raise
         logger.debug("error details", exc_info=True)
-        print(f"gazemonai: error: {e}", file=sys.stderr)
+        print(f"gazemonai: error: {cause}", file=sys.stderr)
         raise SystemExit(2) from e
+
+
+def _input_error(error: BaseException) -> GazemonaiError | None:
+    """The :class:`GazemonaiError` that ``error`` is, or was raised from (``raise ... from``, any depth)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, GazemonaiError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__
+    return None
 
 
 if __name__ == "__main__":

@@ -330,9 +330,9 @@ def write_report(
     images_dir = Path(dataset_dir) / "images"
     if not images_dir.is_dir():
         raise MissingInputError(f"{images_dir}: no such folder (the data folder holds images/ and masks/)")
-    config = PRESETS[preset] if isinstance(preset, str) else preset
     if isinstance(preset, str) and preset not in PRESETS:
         raise InvalidInputError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    config = PRESETS[preset] if isinstance(preset, str) else preset
     report = None
     if metrics is not None:
         try:

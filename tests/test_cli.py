@@ -447,6 +447,7 @@ BAD_PREPARE = {
     "test fraction not a number": (["--test-fraction", "most"], "--test-fraction must be a number"),
     "negative seed": (["--seed", "-3"], "--seed must be an integer >= 0"),
     "unknown test patient": (["--test-patients", "999"], "test patients ['999'] are not among the cases"),
+    "every patient in test": (["--test-patients", "001,020"], "are every patient: train.txt would be empty"),
     "out is a file": (["--out", "{d}/images/001_t2.nii.gz"], "is a file, not a folder"),
     "no NIfTI images": (["--nifti-images", "{d}/masks/none"], "no NIfTI images"),
     "misspelled option": (

@@ -25,12 +25,37 @@ import torch
 
 from ..errors import InvalidInputError
 
-__all__ = ["gaze_heatmap", "fixation_canvas_indices", "KVASIR_SIGMA", "NCI_ISBI_SIGMA", "DEFAULT_CANVAS"]
+__all__ = [
+    "gaze_heatmap",
+    "fixation_canvas_indices",
+    "check_sigma",
+    "KVASIR_SIGMA",
+    "NCI_ISBI_SIGMA",
+    "DEFAULT_CANVAS",
+    "MAX_SIGMA_PER_SIDE",
+]
 
 KVASIR_SIGMA = 70.0
 NCI_ISBI_SIGMA = 50.0
 DEFAULT_CANVAS = (768, 768)
 _TRUNCATE = 4.0  # scipy.ndimage.gaussian_filter's default
+#: the largest sigma, in multiples of the canvas's longer side: across the canvas a wider Gaussian
+#: changes by under 0.5 %, and the cost of its reflected images grows with sigma (1e12 ran for hours)
+MAX_SIGMA_PER_SIDE = 10
+
+
+def check_sigma(name: str, sigma, canvas=DEFAULT_CANVAS) -> float:
+    """``sigma`` (setting ``name``) as a float in (0, MAX_SIGMA_PER_SIDE x the canvas's longer side]."""
+    bound = MAX_SIGMA_PER_SIDE * max(int(c) for c in canvas)
+    ok = isinstance(sigma, (int, float, np.number)) and not isinstance(sigma, bool) and np.isfinite(sigma)
+    if not ok or sigma <= 0:
+        raise InvalidInputError(f"{name} must be a number > 0, got {sigma!r}")
+    if sigma > bound:
+        raise InvalidInputError(
+            f"{name} must be <= {bound} ({MAX_SIGMA_PER_SIDE} x the canvas's longer side, "
+            f"{max(canvas)} pixels: a wider Gaussian is flat on it), got {sigma!r}"
+        )
+    return float(sigma)
 
 
 def fixation_canvas_indices(xy: np.ndarray, canvas: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -137,6 +162,7 @@ def gaze_heatmap(
     if h <= 0 or w_out <= 0:
         raise InvalidInputError(f"size must be positive, got {size}")
     ch, cw = int(canvas[0]), int(canvas[1])
+    sigma = check_sigma("sigma", sigma, (ch, cw))
     rows, cols = fixation_canvas_indices(fixations[:, :2], (ch, cw))
 
     if mode == "reference":

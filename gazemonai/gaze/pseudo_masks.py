@@ -15,7 +15,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..errors import InvalidInputError
-from .heatmap import DEFAULT_CANVAS, KVASIR_SIGMA, NCI_ISBI_SIGMA, gaze_heatmap
+from .heatmap import DEFAULT_CANVAS, KVASIR_SIGMA, NCI_ISBI_SIGMA, check_sigma, gaze_heatmap
 from .levels import KVASIR_THRESHOLDS, PROSTATE_THRESHOLDS, pseudo_mask_levels
 from .refine import CRF_DEFAULTS, crf_refine
 
@@ -85,6 +85,7 @@ class PseudoMaskConfig:
         for name in ("sigma", "sxy", "srgb"):
             if not _positive(getattr(self, name)):
                 raise InvalidInputError(f"{name} must be a number > 0, got {getattr(self, name)!r}")
+        check_sigma("sigma", self.sigma, self.canvas)
         if not _positive(self.compat) and self.compat != 0:
             raise InvalidInputError(f"compat must be a number >= 0, got {self.compat!r}")
         if not isinstance(self.iterations, int) or isinstance(self.iterations, bool) or self.iterations < 1:

@@ -87,9 +87,18 @@ def _read_csv(path: Path, classes: Sequence[str]) -> list[LabelledImage]:
         name = (row.get("image") or "").strip()
         if not name:
             raise InvalidInputError(f"{where}: empty image")
-        image = Path(name) if Path(name).is_absolute() else path.parent / name
+        if Path(name).is_absolute() or ".." in Path(name.replace("\\", "/")).parts:
+            raise InvalidInputError(
+                f"{where}: image {name!r} must be a path inside {path.parent} (no absolute path, no '..'), "
+                "as the fixation CSV's IMAGE"
+            )
+        image = path.parent / name
         if not image.is_file():
             raise MissingInputError(f"{where}: image {name!r} not found (looked for {image})")
+        if not image.resolve().is_relative_to(path.parent.resolve()):
+            raise InvalidInputError(
+                f"{where}: image {name!r} resolves to {image.resolve()}, outside {path.parent}"
+            )
         key = os.path.realpath(image)
         if key in seen:
             raise InvalidInputError(f"{where}: image {name!r} is listed again (first at row {seen[key]})")

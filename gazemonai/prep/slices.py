@@ -383,6 +383,11 @@ def prepare_slices(
         unknown = sorted(set(test_patients) - set(known))
         if unknown:
             raise InvalidInputError(f"test patients {unknown} are not among the cases ({', '.join(known)})")
+        if set(known) <= set(test_patients):
+            raise InvalidInputError(
+                f"test patients {sorted(set(test_patients))} are every patient: train.txt would be empty; "
+                "leave at least one patient for training"
+            )
     # every volume is read in full and checked before a single slice is written
     for case in cases:
         _gland_slices(case)

@@ -268,20 +268,46 @@ def _tracking(uri: str):
 
 
 def _reachable(uri: str) -> None:
-    """Ask a tracking server once, failing fast (MLflow's own retries take minutes)."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    fail_fast_http()
+    """Ask a tracking store once, failing fast (MLflow's own retries take minutes).
+
+    Anything but an MLflow store there (a web server of another kind, a file that is not an MLflow
+    database, a scheme MLflow has no store for) is one line naming the URI, not MLflow's traceback.
+    """
+    if uri.startswith(("http://", "https://")):
+        fail_fast_http()
     try:
         mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     except Exception as e:
         if is_outage(e):
             raise _unreachable(uri) from e
-        raise
+        reason = " ".join(_first_line(e).split())[:200]
+        raise InvalidInputError(f"the tracking URI {uri} is not an MLflow tracking store: {reason}") from e
 
 
 def _unreachable(uri: str) -> TrackingUnavailableError:
     return TrackingUnavailableError(f"the MLflow tracking server at {uri} cannot be reached")
+
+
+def check_overrides(overrides: dict | None) -> None:
+    """Check ``inference.json`` values as the bundle's own settings check will when the model serves.
+
+    Raises:
+        InvalidInputError: ``override <the settings check's message>``.
+    """
+    import inspect
+
+    from ..errors import GazemonaiError
+    from ..train.settings import check_settings
+
+    known = set(inspect.signature(check_settings).parameters) - {"choices"}
+    for key, value in (overrides or {}).items():
+        try:
+            check_settings(**{key: value})
+        except TypeError:  # a value the settings check does not know (e.g. device)
+            if key in known:
+                raise
+        except GazemonaiError as e:
+            raise InvalidInputError(f"override {e}") from e
 
 
 def register_bundle(
@@ -332,6 +358,7 @@ def register_bundle(
             or path_to_sqlite_uri(str(ckpt.resolve().parent.parent / "outputs" / "mlruns.db"))
         )
     aliases = [_alias(a) for a in aliases]
+    check_overrides(overrides)  # a value predict would refuse is refused now, before anything is logged
     trained = trained_settings(record)
     overrides = {**{k: trained[k] for k in MODEL_SETTINGS if k in trained}, **(overrides or {})}
     with tempfile.TemporaryDirectory() as tmp, _tracking(tracking_uri):

@@ -53,6 +53,8 @@ def locate_bundle(
     Raises:
         MissingInputError: naming every missing file (a ``FileNotFoundError``).
     """
+    from ..train.checkpoints import check_checkpoint_file
+
     bundle = Path(bundle_dir)
     ckpt = Path(checkpoint) if checkpoint is not None else bundle / "models" / "model.pt"
     missing = [str(f) for f in (bundle / "configs" / "inference.json", ckpt) if not f.is_file()]
@@ -61,7 +63,7 @@ def locate_bundle(
             f"missing {', '.join(missing)} (a bundle folder needs configs/inference.json; "
             "the checkpoint is a training's <bundle_root>/models/model.pt)"
         )
-    return bundle, ckpt
+    return bundle, check_checkpoint_file(ckpt)  # the user's file named, not the staged copy
 
 
 def stage_bundle(

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
 import numpy as np
 
 from ..errors import InvalidInputError
+from ..prep.outputs import VOLUME_SUFFIXES, check_output
 from ..prep.slices import read_volume_image, scale_to_uint8
 
 __all__ = ["segment_volume"]
@@ -51,9 +51,7 @@ def segment_volume(volume: str | os.PathLike, out: str | os.PathLike, model) -> 
         raise InvalidInputError(
             f"segmenting volumes needs a single-channel model; this one takes {model.in_channels} channels"
         )
-    out = Path(out)
-    if out.is_dir():
-        raise InvalidInputError(f"{out} is a folder; give the mask file, e.g. {out / 'mask.nii.gz'}")
+    out = check_output("out", out, inputs={"volume": volume}, suffixes=VOLUME_SUFFIXES)  # before any work
     image, array = read_volume_image(volume)
     pixels = scale_to_uint8(array)
     masks = np.stack([model.predict_image(pixels[k]) for k in range(pixels.shape[0])]).astype(np.uint8)

@@ -38,7 +38,19 @@ from torch.optim.lr_scheduler import CosineAnnealingLR
 from ..errors import CheckpointMismatchError, CheckpointReadError, InvalidInputError
 from ..prep.io import exclusive_folder
 
-__all__ = ["LatestCheckpoint", "BestCheckpoint", "LoadWeights", "RandomStates", "load_weights", "unwrap"]
+__all__ = [
+    "LatestCheckpoint",
+    "BestCheckpoint",
+    "LoadWeights",
+    "RandomStates",
+    "check_checkpoint_file",
+    "load_weights",
+    "unwrap",
+]
+
+#: what torch's ``weights_only`` unpickler raises on bytes that are no pickle at all (a text file
+#: gave ``KeyError: 101``, the memo lookup of the byte ``e``), besides ``UnpicklingError``
+_GARBAGE = (pickle.UnpicklingError, EOFError, KeyError, IndexError, ValueError, TypeError, AttributeError)
 
 logger = logging.getLogger(__name__)
 
@@ -61,12 +73,37 @@ def load_weights(path: str | os.PathLike, map_location="cpu"):
     """
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, EOFError) as e:  # not a pickle, cut short, or more than weights
-        raise CheckpointReadError(f"cannot read checkpoint {path} as weights: {e}") from e
+    except _GARBAGE as e:  # not a pickle, cut short, or more than weights
+        raise CheckpointReadError(
+            f"cannot read checkpoint {path} as weights: {type(e).__name__} {e} (not a torch checkpoint?)"
+        ) from e
     except RuntimeError as e:
         if "PytorchStreamReader" not in str(e):  # e.g. out of memory: not the file's fault
             raise
         raise CheckpointReadError(f"cannot read checkpoint {path} as weights: {e}") from e
+
+
+def check_checkpoint_file(path: str | os.PathLike) -> Path:
+    """Refuse a file that cannot be a torch checkpoint, by its first bytes, before it is copied or staged.
+
+    ``torch.save`` writes a zip archive (or, in the legacy format, a pickle starting with protocol
+    byte ``0x80``); anything else -- a text file, an image, a truncated archive -- is refused here,
+    naming the user's file rather than the staged copy a later read would name.
+
+    Raises:
+        CheckpointReadError: naming ``path``.
+    """
+    import zipfile
+
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if not (zipfile.is_zipfile(path) or head[:1] == b"\x80"):
+        kind = "empty" if not head else "a text file" if head.decode("latin-1").isprintable() else "not one"
+        raise CheckpointReadError(
+            f"checkpoint {path} is not a torch checkpoint ({kind}; torch.save writes a zip archive)"
+        )
+    return path
 
 
 def _load_into(module, state, path) -> None:

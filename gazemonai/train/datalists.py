@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import InvalidInputError, MissingInputError
 from ..gaze.fixations import read_fixation_csv
-from ..prep.io import read_ids, resolve_in_folder, validate_image_name
+from ..prep.io import IMAGE_EXTENSIONS, read_ids, resolve_in_folder, validate_image_name
 from ..prep.slices import patient_of
 from .hybrid import strong_ids_of
 
@@ -35,8 +35,14 @@ def read_split(dataset_dir: str | os.PathLike, split: str) -> list[str]:
     if not path.is_file():
         raise MissingInputError(f"split file not found: {path}")
     ids = read_ids(path)
-    for i in ids:
+    seen = {}
+    for n, i in enumerate(ids, start=1):
         validate_image_name(i, str(path))
+        stem, ext = os.path.splitext(i)
+        key = stem if ext.lower() in IMAGE_EXTENSIONS else i  # x and x.jpg name one image
+        if key in seen:  # listed twice, one image could land in both training and validation
+            raise InvalidInputError(f"split file {path}: {i!r} is listed twice (entries {seen[key]} and {n})")
+        seen[key] = n
     if not ids:
         raise InvalidInputError(f"split file {path} lists no ids")
     return ids

@@ -18,7 +18,9 @@ from numbers import Integral, Real
 from pathlib import Path
 
 from ..errors import InvalidInputError, MissingInputError
+from ..gaze.heatmap import check_sigma
 from ..gaze.pseudo_masks import MIN_MAX_SIDE
+from ..prep.limits import available_memory, check_memory, check_workers
 
 __all__ = ["check_settings", "exit_on_bad_settings"]
 
@@ -80,6 +82,41 @@ def _number(name: str, value, condition: str, ok) -> None:
         raise InvalidInputError(f"{name} must be a number {condition}, got {value!r}")
 
 
+def device_memory() -> int:
+    """The most memory one step may use here: the host's free memory, or a GPU's whole, whichever is more."""
+    import torch
+
+    memory = available_memory()
+    if torch.cuda.is_available():
+        gpus = range(torch.cuda.device_count())
+        memory = max(memory, *(torch.cuda.get_device_properties(i).total_memory for i in gpus))
+    return memory
+
+
+def _fits_memory(image_size, batch_size, features, in_channels) -> None:
+    """Refuse an ``image_size`` whose first network layer alone cannot fit this machine's memory.
+
+    A lower bound of what one step needs: the batch of inputs and the two ``features[0]``-channel
+    float32 maps of the network's first block (kept for the backward pass in training; produced one
+    after the other in inference), at full resolution. Anything bigger does not fit either, so only
+    sizes that certainly cannot run are refused, at once, instead of after the kernel kills the run.
+    """
+    batch = batch_size if _is_int(batch_size) else 1
+    width = features[0] if _is_list(features) and features and _is_int(features[0]) else 1
+    channels = in_channels if _is_int(in_channels) else 3
+    per_pixel = 4 * batch * (channels + 2 * width)
+    available = device_memory()
+    side = int(math.isqrt(max(available // per_pixel, 1)))
+    check_memory(
+        "image_size",
+        list(image_size),
+        float(image_size[0]) * float(image_size[1]) * per_pixel,
+        f"the first layer of one step (batch_size {batch}, features[0] {width})",
+        largest=f"[{side}, {side}]",
+        available=available,
+    )
+
+
 def check_settings(
     image_size=None,
     batch_size=None,
@@ -108,6 +145,12 @@ def check_settings(
     image_labels=None,
     image_label_classes=None,
     prompt_checkpoint=None,
+    rotate90=None,
+    eval_split=None,
+    dii_lr=None,
+    dii_interval=None,
+    dcr_weight=None,
+    dcr_ramp_epochs=None,
     **choices,
 ) -> None:
     """Check a bundle's settings; raise on the first bad one, naming it.
@@ -129,6 +172,11 @@ def check_settings(
         image_labels: the stage-1 image labels, an existing folder or CSV file.
         image_label_classes: two different class names (negative, positive).
         prompt_checkpoint: the stage-1 checkpoint stage 2 loads, an existing file.
+        rotate90: true where training rotates by random multiples of 90 degrees: ``image_size`` must
+            then be square (a rotation swaps height and width, and the batch cannot be stacked).
+        eval_split: ``test``, ``val``, ``train`` or a split file name under ``dataset_dir`` (it must exist).
+        dii_lr: > 0. dii_interval: an integer >= 1. dcr_weight: >= 0. dcr_ramp_epochs: an integer >= 0
+            (hybrid supervision; NaN is refused like any other non-number).
         choices: ``supervision``, ``consistency``, ``compute_dtype``, ``train_step``, ``level_init`` (one
             of their values), ``step_in_backward``, ``release_memory``, ``cudnn_benchmark``, ``strong_only``,
             ``dii``, ``dcr`` (booleans: ``True``/``False`` on the command line; ``false`` is a string).
@@ -170,12 +218,30 @@ def check_settings(
             )
     if gaze_sigma is not None:
         _number("gaze_sigma", gaze_sigma, "> 0", lambda x: x > 0)
+        check_sigma("gaze_sigma", gaze_sigma)
     if crf_max_side is not None:
         _int("crf_max_side", crf_max_side, MIN_MAX_SIDE)
     if features is not None:
         _ints("features", features, length=6)
     if limit is not None:
         _int("limit", limit, 1)
+    for name, value in (("num_workers", num_workers), ("cache_workers", cache_workers)):
+        check_workers(name, value)
+    if image_size is not None:
+        _fits_memory(image_size, batch_size, features, in_channels)
+        if rotate90 is True and image_size[0] != image_size[1]:
+            raise InvalidInputError(
+                f"image_size must be square for training, got {list(image_size)}: the random 90-degree "
+                "rotations swap height and width (train square; inference takes any size)"
+            )
+    if dii_lr is not None:
+        _number("dii_lr", dii_lr, "> 0", lambda x: x > 0)
+    if dii_interval is not None:
+        _int("dii_interval", dii_interval, 1)
+    if dcr_weight is not None:
+        _number("dcr_weight", dcr_weight, ">= 0", lambda x: x >= 0)
+    if dcr_ramp_epochs is not None:
+        _int("dcr_ramp_epochs", dcr_ramp_epochs, 0)
     for name, value in choices.items():
         if name in _CHOICES:
             if value not in _CHOICES[name]:
@@ -189,6 +255,18 @@ def check_settings(
             raise TypeError(f"check_settings() got an unexpected setting {name!r}")
     if dataset_dir is not None and not Path(dataset_dir).is_dir():
         raise MissingInputError(f"dataset_dir {os.fspath(dataset_dir)!r} is not a folder")
+    if eval_split is not None:
+        if not isinstance(eval_split, str) or not eval_split.strip():
+            raise InvalidInputError(
+                f"eval_split must be test, val, train or a split file name, got {eval_split!r}"
+            )
+        if dataset_dir is not None:
+            name = {"test": "test.txt", "val": "train.txt", "train": "train.txt"}.get(eval_split, eval_split)
+            if not (Path(dataset_dir) / name).is_file():
+                raise MissingInputError(
+                    f"eval_split {eval_split!r}: split file not found: {Path(dataset_dir) / name} "
+                    "(give test, val, train or the name of a split file in dataset_dir)"
+                )
     if strong_fraction is not None:
         _number("strong_fraction", strong_fraction, "in (0, 1]", lambda x: 0 < x <= 1)
     if train_fraction is not None:

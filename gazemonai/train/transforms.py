@@ -12,14 +12,76 @@ from collections.abc import Hashable, Mapping, Sequence
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.data import MetaTensor
+from monai.data import MetaTensor, PILReader
 from monai.transforms import MapTransform
-from monai.utils import ensure_tuple_rep
+from monai.utils import ensure_tuple, ensure_tuple_rep
 
-from ..errors import InvalidInputError
+from ..errors import ImageReadError, InvalidInputError
 from ..prep.io import write_png
 
-__all__ = ["BinarizeMaskd", "SaveMaskd"]
+__all__ = ["BinarizeMaskd", "CheckedPILReader", "ImageConverter", "SaveMaskd"]
+
+_HIGH_DEPTH = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+class ImageConverter:
+    """Each image read in full (a cut-short file named) and given one mode (see :class:`CheckedPILReader`).
+
+    Kvasir-SEG is RGB JPEG, but a folder may hold one grayscale, RGBA, palette, CMYK or 16-bit image
+    among them; MONAI's ``PILReader`` would hand each on in its own mode (1, 2, 3 or 4 channels)
+    and the batch would fail to stack far from the file. Like ``gazemonai pseudo-masks``
+    (:func:`gazemonai.prep.io.read_image`), every image becomes 8-bit: more than 8 bits per pixel
+    min-max scaled to 0-255, an alpha channel dropped, then RGB for 3-channel networks (gray
+    replicated) or L for 1-channel ones; other channel counts keep the file's mode.
+
+    Args:
+        channels: the network's ``in_channels``; ``None`` only reads in full (masks).
+    """
+
+    def __init__(self, channels: int | None = 3) -> None:
+        self.channels = channels
+
+    def __call__(self, image):
+        from PIL import Image
+
+        name = getattr(image, "filename", None) or "an image"
+        try:
+            image.load()
+        except (OSError, SyntaxError, ValueError) as e:  # truncated, corrupt
+            raise ImageReadError(f"cannot read image {name}: {e}") from None
+        target = {1: "L", 3: "RGB"}.get(self.channels) if self.channels is not None else None
+        if target is None:
+            return image
+        if image.mode in _HIGH_DEPTH:
+            a = np.asarray(image, dtype=np.float64)
+            lo, hi = (float(a.min()), float(a.max())) if np.isfinite(a).all() else (0.0, 0.0)
+            a = np.zeros_like(a) if hi <= lo else (a - lo) / (hi - lo) * 255.0
+            image = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+        if image.mode != target:
+            converted = image.convert(target)
+            converted.format = image.format  # the metadata MONAI keeps stays that of the file
+            image = converted
+        return image
+
+
+class CheckedPILReader(PILReader):
+    """MONAI's ``PILReader``; every image read in full and brought to one mode by :class:`ImageConverter`.
+
+    The check runs in ``get_data``, after ``LoadImage`` has chosen this reader: an error in ``read``
+    would be swallowed while ``LoadImage`` tries its other readers, and the file's name lost.
+
+    Args:
+        channels: the network's ``in_channels`` (3: RGB, 1: L); ``None`` only reads in full (masks).
+        kwargs: ``PILReader``'s (``reverse_indexing``, ...).
+    """
+
+    def __init__(self, channels: int | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.check = ImageConverter(channels)
+
+    def get_data(self, img):
+        images = [self.check(i) for i in ensure_tuple(img)]
+        return super().get_data(images if len(images) > 1 else images[0])
 
 
 class BinarizeMaskd(MapTransform):

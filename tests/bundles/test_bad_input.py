@@ -85,6 +85,36 @@ BAD_SETTINGS = {
         {"thresholds": [0.2, 0]},
         "thresholds must be a list of numbers in (0, 1]",
     ),
+    # sizes no machine holds (#26 kind 3): refused at once, naming the bound, not grown until killed
+    "a sigma wider than ten canvases": ("train", {"gaze_sigma": 1e12}, "gaze_sigma must be <= 7680"),
+    "an image size no memory holds": (
+        "train",
+        {"image_size": [100000, 100000]},
+        "image_size [100000, 100000] needs at least 10.2 TiB for the first layer of one step (batch_size 8",
+    ),
+    "an inference image size no memory holds": (
+        "inference",
+        {"image_size": [200000, 200000]},
+        "image_size [200000, 200000] needs at least 5.1 TiB",
+    ),
+    "a hundred thousand loader workers": ("train", {"num_workers": 100000}, "num_workers must be <= "),
+    "a hundred thousand cache workers": ("train", {"cache_workers": 100000}, "cache_workers must be <= "),
+    # one line where a traceback came (#26 kind 4)
+    "a non-square training size (the 90-degree rotations)": (
+        "train",
+        {"image_size": [32, 48]},
+        "image_size must be square for training, got [32, 48]",
+    ),
+    "an evaluation split that is not there": (
+        "evaluate",
+        {"eval_split": "holdout"},
+        "eval_split 'holdout': split file not found:",
+    ),
+    "an evaluation split that is not a name": ("evaluate", {"eval_split": 3}, "eval_split must be test, val"),
+    "a NaN DII step": ("hybrid", {"dii_lr": float("nan")}, "dii_lr must be a number > 0, got nan"),
+    "a NaN consistency weight": ("hybrid", {"dcr_weight": float("nan")}, "dcr_weight must be a number >= 0"),
+    "a DII interval of 0": ("hybrid", {"dii_interval": 0}, "dii_interval must be an integer >= 1, got 0"),
+    "a negative DCR ramp": ("hybrid", {"dcr_ramp_epochs": -1}, "dcr_ramp_epochs must be an integer >= 0"),
 }
 
 
@@ -93,6 +123,7 @@ def _config(kind):
         "train": str(KVASIR / "train.json"),
         "paper": [str(KVASIR / "train.json"), str(KVASIR / "paper_profile.json")],
         "evaluate": [str(KVASIR / "train.json"), str(KVASIR / "evaluate.json")],
+        "hybrid": [str(KVASIR / "train.json"), str(KVASIR / "hybrid.json")],
         "inference": str(KVASIR / "inference.json"),
         "prostate": str(PROSTATE / "train.json"),
     }[kind]
@@ -152,3 +183,63 @@ def test_a_missing_split_file_is_named(finished_run, synthetic_root):
                "--eval_split", "holdout.txt", "--image_size", "[32,32]", ok=False)  # fmt: skip
     assert p.returncode != 0 and "split file not found" in p.stderr and "holdout.txt" in p.stderr
     assert _snapshot(root) == before
+
+
+def _modes(folder):
+    """One image of each mode a folder of 'RGB' images may hold: gray, RGBA, palette, 16-bit gray."""
+    import numpy as np
+    from PIL import Image
+
+    images = sorted((folder / "images").glob("*.png"))
+    gray = np.asarray(Image.open(images[3]).convert("L"))
+    Image.open(images[0]).convert("L").save(images[0])
+    Image.open(images[1]).convert("RGBA").save(images[1])
+    Image.open(images[2]).convert("P").save(images[2])
+    Image.fromarray(gray.astype(np.uint16) * 257).save(images[3])
+    return [Image.open(p).mode for p in images]
+
+
+def test_images_of_other_modes_among_rgb_ones_train(synthetic_root, tmp_path):
+    """They become 8-bit RGB as pseudo-masks reads them; MONAI's reader gave 1, 2, 3 or 4 channels."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_root, data)
+    assert _modes(data)[:4] == ["L", "RGBA", "P", "I;16"]
+    p = bundle("--config_file", _config("train"), "--bundle_root", tmp_path / "run", "--dataset_dir", data,
+               "--gaze_csv", data / "gaze.csv", "--epochs", 1, "--image_size", "[32,32]", "--batch_size", 2,
+               "--num_workers", 0, "--cache_workers", 1, "--val_fraction", 0.34,
+               "--features", "[4,4,4,4,4,4]", ok=False)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (tmp_path / "run" / "models" / "model.pt").is_file()
+
+
+def test_a_truncated_jpeg_is_named_by_inference(synthetic_root, kvasir_checkpoint, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    cut = images / "cut.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(cut, quality=95)
+    cut.write_bytes(cut.read_bytes()[:800])
+    p = bundle("--config_file", _config("inference"), "--bundle_root", kvasir_checkpoint.parents[1],
+               "--dataset_dir", images, "--output_dir", tmp_path / "masks", ok=False)  # fmt: skip
+    assert p.returncode != 0
+    assert f"ImageReadError: cannot read image {cut}: image file is truncated" in p.stderr, p.stderr[-3000:]
+
+
+def test_a_text_file_as_latest_pt_is_named(finished_run, synthetic_root, tmp_path):
+    import shutil
+
+    root = tmp_path / "run"
+    shutil.copytree(finished_run[0], root)
+    (root / "models" / "latest.pt").write_text("epoch 3, loss 0.2\n")
+    p = bundle("--config_file", _config("train"), "--bundle_root", root, "--dataset_dir", synthetic_root,
+               "--gaze_csv", synthetic_root / "gaze.csv", "--epochs", 2, "--image_size", "[32,32]",
+               "--batch_size", 2, "--num_workers", 0, "--cache_workers", 1, "--val_fraction", 0.34,
+               ok=False)  # fmt: skip
+    assert p.returncode != 0
+    assert (
+        f"CheckpointReadError: cannot read checkpoint {root / 'models' / 'latest.pt'} as weights" in p.stderr
+    )

@@ -255,3 +255,26 @@ def test_cli_slices_of_the_training_patients(tmp_path):
     assert len(rows) == 10  # every slice, not only the gland slices
     gland = {p: sum(r["label"] == "gland" for r in rows if r["group"] == p) for p in patients}
     assert gland == {p: 2 + (int(p) - 1) % 2 for p in patients}
+
+
+@pytest.mark.parametrize(
+    "name, words",
+    [
+        ("../outside.png", "must be a path inside"),
+        ("sub/../../outside.png", "must be a path inside"),
+        ("{outside}", "must be a path inside"),  # absolute
+        ("link.png", "resolves to"),  # a link leaving the CSV's folder
+    ],
+)
+def test_image_label_paths_stay_inside_the_csv_folder_as_fixation_names_do(tmp_path, name, words):
+    data = tmp_path / "labels"
+    png(data / "a.png")
+    png(data / "b.png", 255)
+    outside = png(tmp_path / "outside.png")
+    (data / "sub").mkdir()
+    (data / "link.png").symlink_to(outside)
+    rows = [("a.png", "0"), ("b.png", "1"), (name.format(outside=outside), "1")]
+    path = write_csv(data / "labels.csv", rows, ("image", "label"))
+    with pytest.raises(InvalidInputError) as err:
+        read_image_labels(path, CLASSES)
+    assert "labels.csv row 4" in str(err.value) and words in str(err.value), str(err.value)

@@ -77,3 +77,18 @@ def test_a_training_part_smaller_than_a_batch_is_refused(synthetic_root):
     assert (
         len(split_datalist(synthetic_root, "train", val_fraction=0.25, supervision="full", min_items=3)) == 3
     )
+
+
+@pytest.mark.parametrize("second", ["synth_001", "synth_001.png"])
+def test_an_id_listed_twice_is_refused_not_put_in_training_and_validation(synthetic_root, tmp_path, second):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_root, data)
+    (data / "train.txt").write_text("synth_000\nsynth_001\nsynth_002\nsynth_003\n" + second + "\n")
+    with pytest.raises(
+        InvalidInputError, match=f"train.txt: '{second}' is listed twice \\(entries 2 and 5\\)"
+    ):
+        read_split(data, "train.txt")
+    with pytest.raises(InvalidInputError, match="is listed twice"):
+        split_datalist(data, "val", data / "gaze.csv", 0.5, 0)

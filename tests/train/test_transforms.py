@@ -46,3 +46,60 @@ def test_binarize_thresholds_per_key():
     m = torch.tensor([[[100, 200]]], dtype=torch.uint8)
     d = BinarizeMaskd(["a", "b"], threshold=[50, 150])({"a": m, "b": m})
     assert d["a"].tolist() == [[[1.0, 1.0]]] and d["b"].tolist() == [[[0.0, 1.0]]]
+
+
+def _load(path, channels):
+    """The image as the bundles read it: MONAI's LoadImaged + PILReader with the converter."""
+    from monai.transforms import LoadImage
+
+    from gazemonai.train.transforms import CheckedPILReader
+
+    reader = CheckedPILReader(channels, reverse_indexing=False)
+    return np.asarray(LoadImage(reader=reader, image_only=True)(str(path)))
+
+
+GRAY = np.array([[0, 60], [120, 250]], np.uint8)
+
+
+@pytest.mark.parametrize(
+    "mode, save",
+    [
+        ("L", lambda p: Image.fromarray(GRAY).save(p)),
+        ("LA", lambda p: Image.fromarray(GRAY).convert("LA").save(p)),
+        ("RGBA", lambda p: Image.fromarray(GRAY).convert("RGBA").save(p)),
+        ("P", lambda p: Image.fromarray(GRAY).convert("RGB").convert("P", palette=Image.ADAPTIVE).save(p)),
+        ("I;16", lambda p: Image.fromarray(GRAY.astype(np.uint16) * 257).save(p)),
+        ("RGB", lambda p: Image.fromarray(GRAY).convert("RGB").save(p)),
+    ],
+)
+def test_every_image_mode_becomes_8_bit_rgb_as_pseudo_masks_reads_it(tmp_path, mode, save):
+    path = tmp_path / "x.png"
+    save(path)
+    assert Image.open(path).mode == mode
+    rgb = _load(path, 3)
+    assert rgb.shape == (2, 2, 3)  # float32, as LoadImaged gives the bundles
+    for c in range(3):  # gray replicated; 16-bit 0..64250 min-max scaled to 0..255 (250 * 257 = 64250)
+        expected = np.rint((GRAY - 0.0) / 250.0 * 255.0) if mode == "I;16" else GRAY
+        assert np.array_equal(rgb[..., c], expected), (mode, rgb[..., c])
+    gray = _load(path, 1)
+    assert gray.shape == (2, 2) and gray.max() <= 255
+
+
+def test_a_cmyk_jpeg_becomes_rgb(tmp_path):
+    path = tmp_path / "x.jpg"
+    Image.new("CMYK", (8, 6), (0, 255, 255, 0)).save(path)  # pure red in CMYK
+    rgb = _load(path, 3)
+    assert rgb.shape == (6, 8, 3) and abs(int(rgb[0, 0, 0]) - 255) <= 2 and rgb[0, 0, 1] <= 2
+
+
+def test_a_truncated_jpeg_is_named(tmp_path):
+    from gazemonai.errors import ImageReadError
+    from gazemonai.train.transforms import ImageConverter
+
+    path = tmp_path / "cut.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(path, quality=95)
+    path.write_bytes(path.read_bytes()[:800])
+    with pytest.raises(ImageReadError, match=f"cannot read image {path}: image file is truncated"):
+        ImageConverter(3)(Image.open(path))
+    with pytest.raises(ImageReadError, match=f"cannot read image {path}"):  # not lost among MONAI's readers
+        _load(path, 3)
