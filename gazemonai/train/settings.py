@@ -29,6 +29,9 @@ _CHOICES = {
     "train_step": ("joint", "levelwise"),
     "level_init": ("independent", "copy"),
     "dcr_loss": ("prop", "pure", "label"),
+    "image_normalization": ("unit", "imagenet", "zscore"),
+    "pseudo_mask_resize": ("nearest", "bilinear"),
+    "prompt_stage1_arch": ("unet", "encoder"),
 }
 
 
@@ -129,8 +132,9 @@ def check_settings(
         image_labels: the stage-1 image labels, an existing folder or CSV file.
         image_label_classes: two different class names (negative, positive).
         prompt_checkpoint: the stage-1 checkpoint stage 2 loads, an existing file.
-        choices: ``supervision``, ``consistency``, ``compute_dtype``, ``train_step``, ``level_init`` (one
-            of their values), ``step_in_backward``, ``release_memory``, ``cudnn_benchmark``, ``strong_only``,
+        choices: ``supervision``, ``consistency``, ``compute_dtype``, ``train_step``, ``level_init``,
+            ``image_normalization``, ``pseudo_mask_resize``, ``prompt_stage1_arch`` (one of their values),
+            ``step_in_backward``, ``release_memory``, ``cudnn_benchmark``, ``strong_only``,
             ``dii``, ``dcr`` (booleans: ``True``/``False`` on the command line; ``false`` is a string).
 
     Raises:
