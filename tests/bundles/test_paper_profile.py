@@ -78,6 +78,11 @@ def test_paper_profile_runs_exactly_15000_iterations(name):
     assert limit.max_iterations == 15000
     cpu = _parser(name, "train.json")
     assert cpu["iterations"] is None and cpu["epochs"] == 60
+    cpu["train#dataloader"] = list(range(101))
+    assert cpu.get_parsed_content("train#lr_scheduler#T_max") == 60 * 101  # the CPU profile counts epochs
+    cpu = _parser(name, "train.json")
+    cpu["train#dataloader"], cpu["iterations"] = list(range(101)), 500
+    assert cpu.get_parsed_content("train#lr_scheduler#T_max") == 500  # --iterations: the cosine ends there
 
 
 def test_iteration_limit_cuts_the_last_epoch_validates_it_and_resumes(synthetic_root, tmp_path):
