@@ -42,7 +42,7 @@ import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.data.meta_obj import get_track_meta
-from monai.transforms import MapTransform, Transform
+from monai.transforms import MapTransform, Resize, Transform
 from monai.utils import ensure_tuple_rep
 
 from ..errors import InvalidInputError
@@ -292,15 +292,39 @@ class CRFRefined(MapTransform):
 class PseudoMaskLevels(Transform):
     """Refined map (1, H, W) -> N binary pseudo-masks (N, H, W), level i = map >= thresholds[i].
 
+    With ``spatial_size`` the map is first resized (MONAI's ``Resize``, interpolation ``mode``) and
+    thresholded after, as GazeSup's data loader does with its stored refined maps (bilinear, no
+    anti-aliasing); without it the masks are made at the map's own size (and a later resize of the
+    masks, with nearest-neighbour interpolation, picks pixels of them instead).
+
     Args:
         thresholds: one per level (Kvasir-SEG 0.5, 0.3; prostate 0.2, 0.4).
+        spatial_size: resize the map to this (height, width) before thresholding; ``None`` = don't.
+        mode: the resize's interpolation (``"bilinear"``, GazeSup's; any of MONAI's ``Resize`` modes).
     """
 
-    def __init__(self, thresholds: Sequence[float] = KVASIR_THRESHOLDS) -> None:
+    def __init__(
+        self,
+        thresholds: Sequence[float] = KVASIR_THRESHOLDS,
+        spatial_size: Sequence[int] | None = None,
+        mode: str = "bilinear",
+    ) -> None:
         self.thresholds = tuple(float(t) for t in thresholds)
+        self.resize = None
+        if spatial_size is not None:
+            size = tuple(int(s) for s in spatial_size)
+            if not size or min(size) < 1:
+                raise InvalidInputError(f"spatial_size must be positive integers, got {spatial_size!r}")
+            self.resize = Resize(size, mode=mode)
+
+    def resized(self, prob):
+        """``prob`` at ``spatial_size`` (itself without one); a MetaTensor records the resize."""
+        if self.resize is None:
+            return prob
+        return self.resize(prob if isinstance(prob, torch.Tensor) else torch.as_tensor(_numpy(prob)))
 
     def __call__(self, prob) -> np.ndarray:
-        return pseudo_mask_levels(_numpy(prob), self.thresholds).astype(np.float32)
+        return pseudo_mask_levels(_numpy(self.resized(prob)), self.thresholds).astype(np.float32)
 
 
 class PseudoMaskLevelsd(MapTransform):
@@ -310,6 +334,9 @@ class PseudoMaskLevelsd(MapTransform):
         keys: keys of refined maps.
         label_key: key(s) to store the (N, H, W) pseudo-masks under (one per key).
         thresholds: one per level.
+        spatial_size: resize each map to this size before thresholding (GazeSup's order); ``None``
+            thresholds at the map's own size.
+        mode: interpolation of that resize.
         allow_missing_keys: don't raise when a key is absent.
     """
 
@@ -318,14 +345,19 @@ class PseudoMaskLevelsd(MapTransform):
         keys: KeysCollection = "refined",
         label_key: str | Sequence[str] = "pseudo_label",
         thresholds: Sequence[float] = KVASIR_THRESHOLDS,
+        spatial_size: Sequence[int] | None = None,
+        mode: str = "bilinear",
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.label_keys = _per_key(self, "label_key", label_key, outputs=True)
-        self.levels = PseudoMaskLevels(thresholds)
+        self.levels = PseudoMaskLevels(thresholds, spatial_size, mode)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         for key, label_key in self.key_iterator(d, self.label_keys):
-            d[label_key] = _like(self.levels(d[key]), d[key])
+            prob = self.levels.resized(d[key])
+            d[label_key] = _like(
+                pseudo_mask_levels(_numpy(prob), self.levels.thresholds).astype(np.float32), prob
+            )
         return d

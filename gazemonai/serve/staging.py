@@ -29,7 +29,10 @@ __all__ = [
 ]
 
 #: the ``inference.json`` values that must match the training for its weights to load and predict
-MODEL_SETTINGS = ("num_levels", "features", "in_channels", "image_size", "prompt_features")
+MODEL_SETTINGS = (
+    "num_levels", "features", "in_channels", "image_size", "prompt_features", "image_normalization",
+    "prompt_stage1_arch",
+)  # fmt: skip
 
 #: the ``train.json`` values that define the validation split (evaluating ``val`` needs the same)
 SPLIT_SETTINGS = ("val_fraction", "seed", "val_group")

@@ -29,6 +29,7 @@ __all__ = [
     "level_metrics",
     "SegmentationReport",
     "LossTerms",
+    "IterationLimit",
     "init_tracking_store",
 ]
 
@@ -240,6 +241,54 @@ class LossTerms:
         totals = idist.all_reduce(torch.cat([sums, torch.tensor([float(self._count)], dtype=torch.float64)]))
         for name, value in zip(names, (totals[:-1] / totals[-1]).tolist()):
             engine.state.metrics[f"{self.prefix}_{name}"] = value
+
+
+class IterationLimit:
+    """Stop training after exactly ``max_iterations`` iterations, the last epoch cut short.
+
+    GazeSup (Zhong et al., MICCAI 2024) trains for a number of iterations (15 000), not of epochs.
+    This handler ends the epoch in which the limit falls at the limit, and the run with it. The cut
+    epoch still completes (``EPOCH_COMPLETED`` fires), so the final weights are validated and saved
+    in ``latest.pt`` (ignite's own ``run(max_iters=...)`` stops without that). It keeps the trainer
+    going until the limit whatever its ``max_epochs`` (a run resumed after a cut epoch, e.g. with a
+    larger ``iterations``, goes on with whole epochs from there), and stops a run resumed at or past
+    the limit at once; a killed run resumes from its last saved epoch and replays to the limit.
+
+    Attach it before the handler that resumes (``LatestCheckpoint``): it lifts ``max_epochs`` when
+    the run starts, before the resumed epoch is compared with it.
+
+    Args:
+        max_iterations: the limit; ``None`` (the CPU profile) leaves the epochs alone.
+    """
+
+    def __init__(self, max_iterations: int | None = None) -> None:
+        if max_iterations is not None and (
+            not isinstance(max_iterations, int) or isinstance(max_iterations, bool) or max_iterations < 1
+        ):
+            raise ValueError(f"iterations must be an integer >= 1 or None, got {max_iterations!r}")
+        self.max_iterations = max_iterations
+
+    def attach(self, engine: Engine) -> None:
+        if self.max_iterations is None:
+            return
+        engine.add_event_handler(Events.STARTED, self._started)
+        engine.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration_completed)
+
+    def _started(self, engine: Engine) -> None:
+        engine.state.max_epochs = max(
+            int(engine.state.max_epochs or 0), self.max_iterations
+        )  # an upper bound
+
+    def _epoch_started(self, engine: Engine) -> None:
+        if engine.state.iteration >= self.max_iterations:  # resumed at the limit: nothing left to do
+            logger.info("training already complete (%d iterations)", engine.state.iteration)
+            engine.terminate()
+
+    def _iteration_completed(self, engine: Engine) -> None:
+        if engine.state.iteration >= self.max_iterations:
+            engine.state.max_epochs = engine.state.epoch  # this epoch is the last
+            engine.terminate_epoch()  # EPOCH_COMPLETED still fires
 
 
 def init_tracking_store(tracking_uri: str) -> str:

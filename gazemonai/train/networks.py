@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from monai.networks.layers import Conv
 from monai.networks.nets import BasicUNet
-from monai.networks.nets.basic_unet import Down, TwoConv
+from monai.networks.nets.basic_unet import Down, TwoConv, UpCat
 from torch import nn
 
 from ..errors import InvalidInputError
@@ -29,6 +29,7 @@ __all__ = [
     "MultiLevelNet",
     "PyramidClassifier",
     "PromptedFeatureUNet",
+    "PROMPT_ARCHS",
     "feature_propagation",
     "feature_propagation_unfold",
     "PAPER_FEATURES",
@@ -282,22 +283,35 @@ def _encoder_widths(features: Sequence[int]) -> tuple[int, ...]:
     return features[:5]
 
 
+#: the stage-1 classifier's forms (:class:`PyramidClassifier`'s ``arch``)
+PROMPT_ARCHS = ("unet", "encoder")
+
+
 class PyramidClassifier(nn.Module):
     """Stage 1 of SKS (Chen et al., arXiv:2406.14958): an image classifier that keeps its pyramid.
 
-    A BasicUNet encoder (MONAI's ``TwoConv`` and ``Down`` blocks: five levels, resolution 1, 1/2,
-    ..., 1/16) whose level maps are each globally averaged and concatenated into one linear layer.
+    ``arch="unet"`` (the paper's: its stage 1 is itself U-shaped, the "dual U" with stage 2) is a
+    BasicUNet (MONAI's ``TwoConv``, ``Down`` and ``UpCat`` blocks) whose pyramid is its *decoder*'s
+    levels: ``u_1 .. u_4`` at resolution 1, 1/2, 1/4, 1/8 and the bottleneck at 1/16, widths
+    ``features[5], features[1], features[2], features[3], features[4]``. ``arch="encoder"`` is its
+    encoder alone (five levels, resolution 1 .. 1/16, widths ``features[:5]``). Either way each
+    pyramid level is globally averaged and the means concatenated into one linear layer, so every
+    level is trained to separate the classes (and, with the U-Net, the decoder is trained too).
 
     Args:
         spatial_dims: 2 or 3.
         in_channels: image channels.
         num_classes: logits (1: binary, trained with BCE).
-        features: the five encoder widths, or BasicUNet's six (the segmentation network's
-            ``features``; the first five are used, so the pyramid matches its encoder).
+        features: BasicUNet's six widths (the segmentation network's ``features``); the encoder form
+            also takes the five encoder widths.
         norm: normalisation of the blocks.
         act: activation of the blocks.
         dropout: dropout of the blocks and before the linear layer.
+        arch: ``"unet"`` or ``"encoder"``.
+        upsample: the U-Net decoder's upsampling (BasicUNet's ``upsample``).
     """
+
+    __constants__ = ["decoder"]
 
     def __init__(
         self,
@@ -308,26 +322,52 @@ class PyramidClassifier(nn.Module):
         norm: str | tuple = _NORM,
         act: str | tuple = _ACT,
         dropout: float = 0.0,
+        arch: str = "encoder",
+        upsample: str = "deconv",
     ) -> None:
         super().__init__()
         if int(num_classes) < 1:
             raise InvalidInputError(f"num_classes must be >= 1, got {num_classes}")
+        if arch not in PROMPT_ARCHS:
+            raise InvalidInputError(f"prompt_stage1_arch must be one of {PROMPT_ARCHS}, got {arch!r}")
         widths = _encoder_widths(features)
-        self.pyramid_channels = widths
+        self.arch = arch
+        self.decoder = arch == "unet"
         self.spatial_dims = int(spatial_dims)
         self.conv_0 = TwoConv(spatial_dims, in_channels, widths[0], act, norm, True, dropout)
         self.downs = nn.ModuleList(
             Down(spatial_dims, widths[i - 1], widths[i], act, norm, True, dropout) for i in range(1, 5)
         )
+        self.ups = nn.ModuleList()  # deepest first: BasicUNet's upcat_4 .. upcat_1
+        if self.decoder:
+            fea = tuple(int(f) for f in features)
+            if len(fea) != 6:
+                raise InvalidInputError(
+                    f"prompt_stage1_arch 'unet' needs BasicUNet's 6 widths (features), got {list(fea)}"
+                )
+            block = {"act": act, "norm": norm, "bias": True, "dropout": dropout, "upsample": upsample}
+            for i in (4, 3, 2):
+                self.ups.append(UpCat(spatial_dims, fea[i], fea[i - 1], fea[i - 1], **block))
+            self.ups.append(UpCat(spatial_dims, fea[1], fea[0], fea[5], halves=False, **block))
+            self.pyramid_channels = (fea[5], fea[1], fea[2], fea[3], fea[4])
+        else:
+            self.pyramid_channels = widths
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(sum(widths), int(num_classes))
+        self.head = nn.Linear(sum(self.pyramid_channels), int(num_classes))
 
     def pyramid(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The five level maps ``g_0 .. g_4`` (widths :attr:`pyramid_channels`, resolution 1/2^i)."""
         maps = [self.conv_0(x)]
         for down in self.downs:
             maps.append(down(maps[-1]))
-        return maps
+        if not self.decoder:
+            return maps
+        u = maps[4]
+        decoded = [u]
+        for i, up in enumerate(self.ups):
+            u = up(u, maps[3 - i])
+            decoded.append(u)
+        return [decoded[4], decoded[3], decoded[2], decoded[1], decoded[0]]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = [m.flatten(2).mean(-1) for m in self.pyramid(x)]
@@ -428,6 +468,9 @@ class MultiLevelNet(nn.Module):
         prompt_classes: the stage-1 network's logits (its head is kept, unused by the segmentation).
         freeze_prompt: keep the stage-1 network fixed (no gradients, evaluation mode), the default;
             ``False`` fine-tunes it with the segmentation loss.
+        prompt_arch: the stage-1 network's form, ``"unet"`` (SKS's U-shaped classifier, its decoder's
+            levels the pyramid; ``prompt_features`` then BasicUNet's six widths) or ``"encoder"``
+            (its encoder alone); see :class:`PyramidClassifier`.
         unet_kwargs: passed to each :class:`FeatureUNet` (``in_channels``, ``features``, ...).
     """
 
@@ -446,6 +489,7 @@ class MultiLevelNet(nn.Module):
         prompt_features: Sequence[int] | None = None,
         prompt_classes: int = 1,
         freeze_prompt: bool = True,
+        prompt_arch: str = "encoder",
         **unet_kwargs,
     ) -> None:
         super().__init__()
@@ -462,15 +506,16 @@ class MultiLevelNet(nn.Module):
         if prompt_features is None:
             self.levels = nn.ModuleList(FeatureUNet(**unet_kwargs) for _ in range(self.num_levels))
         else:
-            widths = _encoder_widths(prompt_features)
-            self.levels = nn.ModuleList(
-                PromptedFeatureUNet(prompt_channels=widths, **unet_kwargs) for _ in range(self.num_levels)
-            )
             self.prompt = PyramidClassifier(
                 spatial_dims=unet_kwargs.get("spatial_dims", 2),
                 in_channels=unet_kwargs.get("in_channels", 3),
                 num_classes=prompt_classes,
-                features=widths,
+                features=prompt_features,
+                arch=prompt_arch,
+            )
+            channels = self.prompt.pyramid_channels
+            self.levels = nn.ModuleList(
+                PromptedFeatureUNet(prompt_channels=channels, **unet_kwargs) for _ in range(self.num_levels)
             )
             self.prompt.head.requires_grad_(False)  # the class head is not on the segmentation's path
             if freeze_prompt:

@@ -5,8 +5,10 @@ arXiv:2406.14958, 2024): clinics hold far more images with an image-level diagno
 masks. A dual U-shaped, two-stage framework:
 
 1. **stage 1** trains a classification network on image-level labels
-   (:class:`~gazemonai.train.networks.PyramidClassifier`); its encoder's hierarchical (pyramid)
-   features are what is kept;
+   (:class:`~gazemonai.train.networks.PyramidClassifier`); its hierarchical (pyramid) features are
+   what is kept: by default (``prompt_stage1_arch: unet``) the classifier is itself a U-Net and the
+   pyramid is its decoder's levels, as the paper's dual U-shaped design has it; ``encoder`` keeps
+   its encoder's levels only;
 2. **stage 2** trains a segmentation U-Net on pixel-level labels (full masks, or our gaze
    pseudo-masks) whose encoder and decoder receive the stage-1 pyramid
    (:class:`~gazemonai.train.networks.PromptedFeatureUNet`) through
@@ -111,10 +113,12 @@ def load_prompt_weights(network: MultiLevelNet, path: str | os.PathLike) -> None
         raise InvalidInputError(
             f"stage-1 checkpoint {os.fspath(path)} does not fit this stage-2 network: {'; '.join(parts)}. "
             f"The checkpoint's classifier has widths {found['widths']}, {found['in_channels']} input "
-            f"channel(s), {found['classes']} class logit(s); this network's stage-1 part has widths "
-            f"{list(network.prompt.pyramid_channels)}, {network.prompt.conv_0.conv_0.conv.in_channels} input "
-            f"channel(s), {network.prompt.head.out_features} logit(s): set --prompt_features / --features, "
-            "--in_channels to those stage 1 was trained with"
+            f"channel(s), {found['classes']} class logit(s), form {found['arch']!r}; this network's stage-1 "
+            f"part has widths {list(network.prompt.pyramid_channels)}, "
+            f"{network.prompt.conv_0.conv_0.conv.in_channels} input channel(s), "
+            f"{network.prompt.head.out_features} logit(s), form {network.prompt.arch!r}: set "
+            "--prompt_features / --features, --in_channels, --prompt_stage1_arch to those stage 1 was "
+            "trained with"
         )
     network.prompt.load_state_dict(state)
     logger.info("stage-1 prompt loaded from %s", path)
@@ -130,6 +134,7 @@ def _widths_of(state) -> dict:
     first = state.get("conv_0.conv_0.conv.weight")
     head = state.get("head.weight")
     return {
+        "arch": "unet" if any(k.startswith("ups.") for k in state) else "encoder",
         "widths": widths or "unknown",
         "in_channels": int(first.shape[1]) if first is not None else "?",
         "classes": int(head.shape[0]) if head is not None else "?",

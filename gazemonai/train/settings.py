@@ -31,6 +31,9 @@ _CHOICES = {
     "train_step": ("joint", "levelwise"),
     "level_init": ("independent", "copy"),
     "dcr_loss": ("prop", "pure", "label"),
+    "image_normalization": ("unit", "imagenet", "zscore"),
+    "pseudo_mask_resize": ("nearest", "bilinear"),
+    "prompt_stage1_arch": ("unet", "encoder"),
 }
 
 
@@ -177,8 +180,9 @@ def check_settings(
         eval_split: ``test``, ``val``, ``train`` or a split file name under ``dataset_dir`` (it must exist).
         dii_lr: > 0. dii_interval: an integer >= 1. dcr_weight: >= 0. dcr_ramp_epochs: an integer >= 0
             (hybrid supervision; NaN is refused like any other non-number).
-        choices: ``supervision``, ``consistency``, ``compute_dtype``, ``train_step``, ``level_init`` (one
-            of their values), ``step_in_backward``, ``release_memory``, ``cudnn_benchmark``, ``strong_only``,
+        choices: ``supervision``, ``consistency``, ``compute_dtype``, ``train_step``, ``level_init``,
+            ``image_normalization``, ``pseudo_mask_resize``, ``prompt_stage1_arch`` (one of their values),
+            ``step_in_backward``, ``release_memory``, ``cudnn_benchmark``, ``strong_only``,
             ``dii``, ``dcr`` (booleans: ``True``/``False`` on the command line; ``false`` is a string).
 
     Raises:

@@ -1,4 +1,7 @@
-"""MONAI transforms of the masks the bundles train on and predict: binarise ground truth, write predictions.
+"""MONAI transforms of the images and masks the bundles train on and predict.
+
+Normalise image intensities by a named scheme (a model setting), binarise ground truth, write
+predictions.
 
 The gaze chain's own transforms (``GazeHeatmapd``, ``CRFRefined``, ``PseudoMaskLevelsd``) are in
 :mod:`gazemonai.gaze.transforms`.
@@ -13,13 +16,22 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor, PILReader
-from monai.transforms import MapTransform
+from monai.transforms import MapTransform, NormalizeIntensity, ScaleIntensityRange
 from monai.utils import ensure_tuple, ensure_tuple_rep
 
 from ..errors import ImageReadError, InvalidInputError
 from ..prep.io import write_png
 
-__all__ = ["BinarizeMaskd", "CheckedPILReader", "ImageConverter", "SaveMaskd"]
+__all__ = [
+    "NormalizeImaged",
+    "IMAGE_NORMALIZATIONS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "BinarizeMaskd",
+    "CheckedPILReader",
+    "ImageConverter",
+    "SaveMaskd",
+]
 
 _HIGH_DEPTH = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
@@ -82,6 +94,63 @@ class CheckedPILReader(PILReader):
     def get_data(self, img):
         images = [self.check(i) for i in ensure_tuple(img)]
         return super().get_data(images if len(images) > 1 else images[0])
+
+
+#: ImageNet's per-channel mean and standard deviation of RGB intensities in [0, 1] (torchvision's)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+#: the schemes :class:`NormalizeImaged` knows
+IMAGE_NORMALIZATIONS = ("unit", "imagenet", "zscore")
+
+
+class NormalizeImaged(MapTransform):
+    """8-bit image intensities -> the network's input, by one named scheme.
+
+    * ``"unit"``: ``x / 255`` clipped to [0, 1] (the bundles' CPU profile for RGB images);
+    * ``"imagenet"``: ``(x / 255 - mean) / std`` per RGB channel with ImageNet's mean and std
+      (:data:`IMAGENET_MEAN`, :data:`IMAGENET_STD`), what GazeSup (Zhong et al., MICCAI 2024) feeds
+      its network for Kvasir-SEG (torchvision's ``Normalize`` after dividing by 255); 3 channels only;
+    * ``"zscore"``: ``(x - mean(x)) / std(x)`` over the whole image (MONAI's ``NormalizeIntensity``),
+      what GazeSup feeds its network for the one-channel NCI-ISBI MR slices (the RGB copy of a slice
+      is only the dense CRF's input).
+
+    The scheme is a model setting: a network trained with one must be evaluated and served with it.
+
+    Args:
+        keys: image keys.
+        mode: one of :data:`IMAGE_NORMALIZATIONS`.
+        allow_missing_keys: don't raise when a key is absent.
+    """
+
+    def __init__(self, keys: KeysCollection = "image", mode: str = "unit", allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        if mode not in IMAGE_NORMALIZATIONS:
+            raise InvalidInputError(
+                f"image_normalization must be one of {IMAGE_NORMALIZATIONS}, got {mode!r}"
+            )
+        self.mode = mode
+        if mode == "unit":
+            self.transform = ScaleIntensityRange(0.0, 255.0, 0.0, 1.0, clip=True)
+        elif mode == "imagenet":
+            self.transform = NormalizeIntensity(
+                subtrahend=[255.0 * m for m in IMAGENET_MEAN],
+                divisor=[255.0 * s for s in IMAGENET_STD],
+                channel_wise=True,
+            )
+        else:
+            self.transform = NormalizeIntensity()
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            channels = int(d[key].shape[0])
+            if self.mode == "imagenet" and channels != len(IMAGENET_MEAN):
+                raise InvalidInputError(
+                    f"{key}: image_normalization 'imagenet' needs 3 (RGB) channels, got {channels} "
+                    f"(one-channel images: 'zscore' or 'unit')"
+                )
+            d[key] = self.transform(d[key])
+        return d
 
 
 class BinarizeMaskd(MapTransform):

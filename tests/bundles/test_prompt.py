@@ -36,6 +36,8 @@ def test_two_stages_train_and_evaluate(name, synthetic_root, tmp_path):
     (run,) = mlflow_runs(out / "outputs" / "mlruns.db", name)
     assert {"val_auc", "val_accuracy", "train_loss"} <= set(run.data.metrics)
     assert run.data.params["stage"] == "prompt_stage1" and run.info.run_name == f"prompt_stage1_{name}"
+    # the paper's U-shaped stage 1 by default: a decoder (ups.*) whose levels are the pyramid
+    assert run.data.params["prompt_stage1_arch"] == "unet" and any(k.startswith("ups.3.") for k in stage1)
 
     seg = [*common, "--dataset_dir", data, "--gaze_csv", data / "gaze.csv"]
     stage2 = configs(name, "train.json", "prompt_stage2.json")
@@ -49,6 +51,7 @@ def test_two_stages_train_and_evaluate(name, synthetic_root, tmp_path):
     assert params["freeze_prompt"] == "True" and params["prompt_checkpoint"].endswith(
         "prompt_stage1/model.pt"
     )
+    assert params["prompt_stage1_arch"] == "unet"
 
     bundle("--config_file", configs(name, "train.json", "prompt_stage2.json", "evaluate.json"), *seg,
            "--eval_split", "test")  # fmt: skip
@@ -117,3 +120,34 @@ def test_stage_one_settings_are_checked(tmp_path):
                    "--image_label_classes", "['a','b','c']", ok=False)  # fmt: skip
     assert three.returncode == 2 and "image_label_classes must be two different class names" in three.stderr
     assert (ROOT / "bundles" / "prostate_gaze" / "configs" / "prompt_stage1.json").is_file()
+
+
+def test_encoder_only_stage_one_is_an_option_and_a_mismatch_is_refused(synthetic_root, tmp_path):
+    """--prompt_stage1_arch encoder: the former encoder-only stage 1 through both stages; a stage-1
+    checkpoint of the other form is refused by stage 2 with the setting to change."""
+    labels = tmp_path / "labels"
+    derived = cli("derive-image-labels", "--dataset-dir", synthetic_root, "--out", labels,
+                  "--val-fraction", "0.34", "--size", "32")  # fmt: skip
+    assert derived.returncode == 0, derived.stderr
+    out = tmp_path / "run"
+    encoder = ["--bundle_root", out, *SMALL, "--epochs", 1, "--prompt_stage1_arch", "encoder"]
+    bundle("--config_file", configs("kvasir_gaze", "train.json", "prompt_stage1.json"), *encoder,
+           "--image_labels", labels / "labels.csv")  # fmt: skip
+    stage1 = torch.load(out / "models" / "prompt_stage1" / "model.pt", weights_only=True)["model"]
+    assert not any(k.startswith("ups.") for k in stage1) and stage1["head.weight"].shape == (
+        1,
+        8 + 8 + 16 + 16 + 32,
+    )
+    seg = ["--dataset_dir", synthetic_root, "--supervision", "full"]
+    stage2 = configs("kvasir_gaze", "train.json", "prompt_stage2.json")
+    bundle("--config_file", stage2, *encoder, *seg)
+    model = torch.load(out / "models" / "model.pt", weights_only=True)["model"]
+    assert torch.equal(model["prompt.head.weight"], stage1["head.weight"])
+    assert model["levels.0.short_skips.0.weight"].shape[1] == 8 + 8  # encoder level 0 + stage-1 conv_0
+
+    other = ["--bundle_root", tmp_path / "other", *SMALL, "--epochs", 1]  # the default: a U-Net stage 1
+    refused = bundle("--config_file", stage2, *other, *seg, "--prompt_checkpoint",
+                     out / "models" / "prompt_stage1" / "model.pt", ok=False)  # fmt: skip
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    last = refused.stderr.strip().splitlines()[-1]
+    assert "form 'encoder'" in last and "form 'unet'" in last and "--prompt_stage1_arch" in last

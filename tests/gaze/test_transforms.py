@@ -110,3 +110,34 @@ def test_single_channel_image_and_plain_arrays():
 def test_bad_image_shape():
     with pytest.raises(ValueError, match="channel-first"):
         GazeHeatmapd()({"image": np.zeros((4, 4)), "fixations": np.array([[0.5, 0.5, 1.0]])})
+
+
+def test_pseudo_masks_resized_bilinear_then_thresholded_as_gazesup():
+    """spatial_size: the refined map is resized (bilinear) first and thresholded after.
+
+    Halving a 4x4 map with bilinear interpolation (align_corners False, no anti-aliasing: MONAI's
+    ``Resize`` as GazeSup calls it) samples the centre of each 2x2 block, i.e. its mean. The top-left
+    block [[0.6, 0.2], [0.2, 0.2]] has mean 0.3: level 0.3 keeps it, level 0.5 does not; thresholding
+    first and picking pixels with nearest neighbour (the default order) keeps its 0.6 in both levels.
+    """
+    from monai.transforms import Resized
+
+    from gazemonai.gaze.transforms import PseudoMaskLevelsd
+
+    prob = torch.tensor(
+        [[0.6, 0.2, 0.9, 0.9], [0.2, 0.2, 0.9, 0.5], [0.0, 0.0, 0.1, 0.1], [0.0, 0.4, 0.1, 0.1]]
+    )[None]
+    # block means: [[0.3, 0.8], [0.1, 0.1]]
+    after = PseudoMaskLevelsd("refined", thresholds=(0.5, 0.3), spatial_size=(2, 2))({"refined": prob})
+    assert after["pseudo_label"].tolist() == [[[0, 1], [0, 0]], [[1, 1], [0, 0]]]
+    first = PseudoMaskLevelsd("refined", thresholds=(0.5, 0.3))({"refined": prob})
+    before = Resized("pseudo_label", (2, 2), mode="nearest")(first)["pseudo_label"]
+    assert before.tolist() == [[[1, 1], [0, 0]], [[1, 1], [0, 0]]]  # the top-left pixel of each block
+    # upsampling too: a 2x1 map [0.2, 0.6] to 4x1, bilinear: 0.2, 0.3, 0.5, 0.6 -> level 0.5 = [0, 0, 1, 1]
+    up = PseudoMaskLevelsd("refined", thresholds=(0.5,), spatial_size=(4, 1))(
+        {"refined": torch.tensor([[[0.2], [0.6]]])}
+    )
+    assert up["pseudo_label"][0, :, 0].tolist() == [0, 0, 1, 1]
+    assert up["pseudo_label"].shape == (1, 4, 1) and up["pseudo_label"].dtype == torch.float32
+    with pytest.raises(ValueError, match="spatial_size must be positive"):
+        PseudoMaskLevelsd("refined", spatial_size=(0, 2))

@@ -124,3 +124,38 @@ def test_loss_terms_are_epoch_means_of_every_iteration(step):
     } | {"train_loss_consistency", "train_loss_total"}
     assert means[1] == pytest.approx(expected, rel=1e-6)
     assert means[1]["train_loss_total"] == pytest.approx(float(trainer.state.output[0]["loss"]), rel=0.5)
+
+
+def test_iteration_limit_cuts_the_last_epoch_and_still_completes_it():
+    """6 iterations over 4 batches: epoch 2 is cut after 2; both epochs complete (validation, saving)."""
+    from ignite.engine import Engine, Events
+
+    from gazemonai.train.handlers import IterationLimit
+
+    seen, completed = [], []
+    engine = Engine(lambda e, batch: seen.append(batch))
+    engine.add_event_handler(
+        Events.EPOCH_COMPLETED, lambda e: completed.append((e.state.epoch, e.state.iteration))
+    )
+    IterationLimit(6).attach(engine)
+    engine.run([0, 1, 2, 3], max_epochs=2)  # ceil(6 / 4) epochs, as the paper profile computes them
+    assert seen == [0, 1, 2, 3, 0, 1] and completed == [(1, 4), (2, 6)]
+    # more epochs than needed change nothing; a limit on an epoch's end cuts nothing
+    seen.clear(), completed.clear()
+    engine = Engine(lambda e, batch: seen.append(batch))
+    engine.add_event_handler(
+        Events.EPOCH_COMPLETED, lambda e: completed.append((e.state.epoch, e.state.iteration))
+    )
+    IterationLimit(8).attach(engine)
+    engine.run([0, 1, 2, 3], max_epochs=5)
+    assert len(seen) == 8 and completed == [(1, 4), (2, 8)]
+    # too few epochs: the limit still decides
+    engine = Engine(lambda e, batch: None)
+    IterationLimit(10).attach(engine)
+    assert engine.run([0, 1, 2, 3], max_epochs=1).iteration == 10
+    # None leaves the epochs alone
+    engine = Engine(lambda e, batch: None)
+    IterationLimit(None).attach(engine)
+    assert engine.run([0, 1, 2, 3], max_epochs=2).iteration == 8
+    with pytest.raises(ValueError, match="iterations must be an integer >= 1"):
+        IterationLimit(0)

@@ -118,3 +118,67 @@ def test_levels_are_independent_or_copies():
     assert torch.equal(cp.levels[0].classifier.weight, cp.levels[1].classifier.weight)
     assert cp.levels[0].classifier.weight.data_ptr() != cp.levels[1].classifier.weight.data_ptr()
     assert isinstance(cp.levels[0], FeatureUNet)
+
+
+def test_unet_stage1_classifier_gives_its_decoder_levels_as_the_pyramid():
+    """SKS's U-shaped stage 1: pyramid = u1..u4 and the bottleneck, widths (f5, f1, f2, f3, f4)."""
+    from gazemonai.train.networks import PyramidClassifier
+
+    torch.manual_seed(0)
+    features = (4, 8, 8, 16, 16, 4)
+    net = PyramidClassifier(in_channels=3, features=features, arch="unet")
+    x = torch.randn(2, 3, 32, 32)
+    maps = net.pyramid(x)
+    assert [tuple(m.shape) for m in maps] == [
+        (2, 4, 32, 32),
+        (2, 8, 16, 16),
+        (2, 8, 8, 8),
+        (2, 16, 4, 4),
+        (2, 16, 2, 2),
+    ]
+    assert net.pyramid_channels == (4, 8, 8, 16, 16) and net.head.in_features == 52
+    # the finest level is the decoder's output, not the encoder's first block
+    assert not torch.equal(maps[0], net.conv_0(x))
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(net(x), torch.tensor([[0.0], [1.0]]))
+    loss.backward()
+    no_grad = [n for n, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not no_grad, no_grad  # the class loss trains every block, decoder included
+    assert any(n.startswith("ups.3.") for n, _ in net.named_parameters())
+    # the encoder-only form keeps its former parameters (stage-1 checkpoints of 0.4 load)
+    enc = PyramidClassifier(in_channels=3, features=features, arch="encoder")
+    assert not any(k.startswith("ups.") for k in enc.state_dict()) and enc.pyramid_channels == (
+        4,
+        8,
+        8,
+        16,
+        16,
+    )
+    assert all(k in net.state_dict() for k in enc.state_dict() if k != "head.weight")
+    with pytest.raises(ValueError, match="prompt_stage1_arch 'unet' needs BasicUNet's 6 widths"):
+        PyramidClassifier(features=(4, 8, 8, 16, 16), arch="unet")
+    with pytest.raises(ValueError, match="prompt_stage1_arch must be one of"):
+        PyramidClassifier(features=features, arch="resnet")
+
+
+def test_multilevel_net_with_a_unet_stage1_feeds_its_decoder_pyramid_to_every_level():
+    from gazemonai.train.networks import MultiLevelNet
+
+    torch.manual_seed(0)
+    features = (4, 8, 8, 16, 16, 4)
+    net = MultiLevelNet(
+        2, features=features, prompt_features=features, prompt_arch="unet", freeze_prompt=False
+    )
+    # short skip 0 fuses the encoder's 4 channels with u1's 4 (features[5]); long skip 0 u1 with u2's 8
+    assert (
+        net.levels[0].short_skips[0].in_channels == 4 + 4 and net.levels[1].long_skips[0].in_channels == 4 + 8
+    )
+    x = torch.randn(2, 3, 32, 32)
+    out = net(x, output="train")
+    assert out["logits"].shape == (2, 1, 32, 32) and len(out["prop_logits"]) == 2
+    out["logits"].mean().backward()
+    assert (
+        net.prompt.ups[3].convs.conv_0.conv.weight.grad.abs().sum() > 0
+    )  # fine-tuned: reaches stage 1's decoder
+    frozen = MultiLevelNet(2, features=features, prompt_features=features, prompt_arch="unet")
+    assert not any(p.requires_grad for p in frozen.prompt.parameters())
+    assert frozen(x).shape == (2, 1, 32, 32)

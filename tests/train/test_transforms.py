@@ -103,3 +103,31 @@ def test_a_truncated_jpeg_is_named(tmp_path):
         ImageConverter(3)(Image.open(path))
     with pytest.raises(ImageReadError, match=f"cannot read image {path}"):  # not lost among MONAI's readers
         _load(path, 3)
+
+
+def test_normalize_image_schemes_against_hand_computed_values():
+    """unit: x/255; imagenet: (x/255 - mean)/std per channel (GazeSup's Kvasir input); zscore: whole image."""
+    from gazemonai.train.transforms import NormalizeImaged
+
+    img = torch.tensor([[[0.0, 255.0]], [[51.0, 102.0]], [[255.0, 0.0]]])  # (3, 1, 2)
+    unit = NormalizeImaged("image", "unit")({"image": img.clone()})["image"]
+    assert torch.allclose(unit, torch.tensor([[[0.0, 1.0]], [[0.2, 0.4]], [[1.0, 0.0]]]))
+    net = NormalizeImaged("image", "imagenet")({"image": img.clone()})["image"]
+    expected = [
+        [(0.0 - 0.485) / 0.229, (1.0 - 0.485) / 0.229],  # red: -2.1179, 2.2489
+        [(0.2 - 0.456) / 0.224, (0.4 - 0.456) / 0.224],  # green: -1.1429, -0.25
+        [(1.0 - 0.406) / 0.225, (0.0 - 0.406) / 0.225],  # blue: 2.64, -1.8044
+    ]
+    assert torch.allclose(net[:, 0], torch.tensor(expected), atol=1e-5)
+    assert abs(float(net[0, 0, 0]) + 2.117904) < 1e-5 and abs(float(net[2, 0, 0]) - 2.64) < 1e-5
+    mr = torch.tensor([[[1.0, 3.0], [5.0, 7.0]]])  # mean 4, population std sqrt(5)
+    z = NormalizeImaged("image", "zscore")({"image": mr})["image"]
+    assert torch.allclose(z, (mr - 4.0) / 5.0**0.5)
+    meta = NormalizeImaged("image", "imagenet")(
+        {"image": MetaTensor(img.clone(), meta={"filename_or_obj": "a.jpg"})}
+    )
+    assert meta["image"].meta["filename_or_obj"] == "a.jpg"  # Invertd and SaveMaskd still find the source
+    with pytest.raises(ValueError, match="image_normalization 'imagenet' needs 3 \\(RGB\\) channels, got 1"):
+        NormalizeImaged("image", "imagenet")({"image": mr})
+    with pytest.raises(ValueError, match="image_normalization must be one of"):
+        NormalizeImaged("image", "minmax")
