@@ -83,8 +83,9 @@ class GazeTrainTask(TrainTask):
         workdir: runs, the MLflow store, the lock and the statistics.
         train_python: the Python that runs the bundle.
         defaults: the task's default settings (``/info``'s trainer ``config``); a request's values
-            win. Keys of ``train.json`` (``epochs``, ``batch_size``, ...) are passed to it; ``annotator``
-            picks whose gaze is used (``"all"``: pooled).
+            win. Keys of ``train.json`` (``epochs``, ``batch_size``, ...) are passed to it (the rest of
+            its values stand; a ``batch_size`` above the training images is lowered to their number);
+            ``annotator`` picks whose gaze is used (``"all"``: pooled); ``val_fraction`` 0.2.
         tracking_uri: the MLflow store (default ``sqlite:///<workdir>/mlruns.db``).
     """
 
@@ -98,16 +99,10 @@ class GazeTrainTask(TrainTask):
         self.workdir = Path(workdir)
         self.train_python = train_python or default_train_python()
         self.tracking_uri = tracking_uri or f"sqlite:///{(self.workdir / 'mlruns.db').resolve()}"
-        self.train_keys = set(json.loads((self.bundle_dir / "configs" / "train.json").read_text())) | set(
-            json.loads((self.bundle_dir / "configs" / "hybrid.json").read_text())
-        )
-        self.defaults = {
-            "epochs": 20,
-            "batch_size": 4,
-            "val_fraction": 0.2,
-            "annotator": "all",
-            **(defaults or {}),
-        }
+        self.train_config = json.loads((self.bundle_dir / "configs" / "train.json").read_text())
+        hybrid = json.loads((self.bundle_dir / "configs" / "hybrid.json").read_text())
+        self.train_keys = set(self.train_config) | set(hybrid)
+        self.defaults = {"val_fraction": 0.2, "annotator": "all", **(defaults or {})}
 
     def config(self):
         return dict(self.defaults)
@@ -156,6 +151,11 @@ class GazeTrainTask(TrainTask):
         inference = json.loads((self.served / "configs" / "inference.json").read_text())
         overrides.update({k: inference[k] for k in MODEL_SETTINGS if k in inference})
         overrides.setdefault("val_fraction", self.defaults["val_fraction"])
+        n_val = max(1, int(round(len(ids) * float(overrides["val_fraction"]))))
+        batch = int(overrides.get("batch_size", self.train_config.get("batch_size", 1)))
+        if batch > len(ids) - n_val:  # the trainer drops incomplete batches: it would train nothing
+            overrides["batch_size"] = max(1, len(ids) - n_val)
+            say(f"batch_size {batch} > the {len(ids) - n_val} training image(s): {overrides['batch_size']}")
         self.pseudo_reference(data, ids, strong)
         served_model = self.served / "models" / "model.pt"
         before = (
