@@ -1,4 +1,4 @@
-"""MONAI Label app serving the gazemonai bundles (``kvasir_gaze``, ...) for interactive inference.
+"""MONAI Label app for the gazemonai bundles (``kvasir_gaze``...): inference, training from gaze, next images.
 
 Run in the MONAI Label environment (``make monailabel-env``; MONAI Label cannot share the main venv)::
 

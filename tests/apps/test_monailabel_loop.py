@@ -231,6 +231,12 @@ def test_a_new_server_has_no_model_and_says_how_to_get_one(loop):
     # active learning without a model: the first unlabelled image, saying why
     status, pick = post_json(f"{url}/activelearning/disagreement")
     assert status == 200 and pick["id"] == "synth_000" and "no model" in pick["reason"]
+    # a training with no gaze yet ends at once, saying what it needs
+    assert post_json(f"{url}/train/{MODEL}")[0] == 200
+    task = wait_train(url)
+    assert task["status"] == "ERROR"
+    assert any("0 image(s) have gaze" in line and "needs 2 or more" in line for line in task["details"])
+    assert not (loop["server"].workdir / MODEL / "models" / "model.pt").exists()
 
 
 @pytest.mark.parametrize(
