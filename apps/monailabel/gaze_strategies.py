@@ -5,13 +5,15 @@
 image that has no label yet (neither ``gaze`` nor a mask) and answers the one scoring highest
 (``{"id", "score", "strategy", "scores": {id: score}}`` plus MONAI Label's image info). Scores are
 cached per image until the served model changes. With no model served yet, the first unlabelled
-image (in name order) is answered, with ``"reason"`` saying so; with none left, ``{}``.
+image (in name order) is answered, with ``"reason"`` saying so; with none left, ``{}``. ``first`` and
+``random`` replace MONAI Label's own, which count only masks as labels.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import random
 import threading
 from pathlib import Path
 
@@ -23,6 +25,35 @@ from monailabel.interfaces.tasks.strategy import Strategy
 from gazemonai.serve.uncertainty import SCORES
 
 logger = logging.getLogger(__name__)
+
+
+def unlabelled(datastore) -> list[str]:
+    """Images with neither gaze nor a mask, by name (MONAI Label's own strategies see masks only)."""
+    return sorted(
+        i for i in datastore.list_images() if not {"gaze", "final"} & set(datastore.get_labels_by_image_id(i))
+    )
+
+
+class FirstUnlabelled(Strategy):
+    """The first image (by name) with neither gaze nor a mask."""
+
+    def __init__(self):
+        super().__init__("First image with neither gaze nor a mask")
+
+    def __call__(self, request, datastore):
+        candidates = unlabelled(datastore)
+        return {"id": candidates[0]} if candidates else {}
+
+
+class RandomUnlabelled(Strategy):
+    """A random image with neither gaze nor a mask."""
+
+    def __init__(self):
+        super().__init__("Random image with neither gaze nor a mask")
+
+    def __call__(self, request, datastore):
+        candidates = unlabelled(datastore)
+        return {"id": random.choice(candidates)} if candidates else {}
 
 
 class UncertaintyStrategy(Strategy):

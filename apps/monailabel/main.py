@@ -46,13 +46,11 @@ import monailabel
 import numpy as np
 from fastapi import HTTPException
 from gaze_datastore import GazeDatastore
-from gaze_strategies import UncertaintyStrategy
+from gaze_strategies import FirstUnlabelled, RandomUnlabelled, UncertaintyStrategy
 from gaze_train import GazeTrainTask
 from monai.transforms import MapTransform, SaveImaged
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.tasks.infer_v2 import InferTask
-from monailabel.tasks.activelearning.first import First
-from monailabel.tasks.activelearning.random import Random
 from monailabel.tasks.infer.bundle import BundleInferTask
 
 from gazemonai.serve.staging import stage_bundle
@@ -281,6 +279,6 @@ class GazeMonaiApp(MONAILabelApp):
         return {
             "disagreement": UncertaintyStrategy(served, "disagreement"),
             "entropy": UncertaintyStrategy(served, "entropy"),
-            "random": Random(),
-            "first": First(),
+            "random": RandomUnlabelled(),
+            "first": FirstUnlabelled(),
         }

@@ -369,6 +369,9 @@ def test_activelearning_answers_the_image_the_model_is_least_sure_of(loop, first
     assert set(pick["scores"]) == set(UNLABELLED)  # labelled images are never proposed
     assert pick["scores"] == pytest.approx(expected, abs=1e-5)
     assert pick["id"] == max(expected, key=expected.get) and pick["name"] == f"{pick['id']}.png"
+    # the plain strategies skip gaze-labelled images too
+    assert post_json(f"{server.url}/activelearning/first")[1]["id"] == UNLABELLED[0]
+    assert post_json(f"{server.url}/activelearning/random")[1]["id"] in UNLABELLED
 
 
 def test_restart_mid_training_keeps_the_served_model_and_the_next_run_compares(loop, first_training):
