@@ -11,6 +11,7 @@ from helpers import ROOT
 #: what belongs here.
 LONGEST_FIRST = (
     "tests/test_readme.py",
+    "tests/apps/test_monailabel_loop.py",
     "tests/bundles/test_prompt.py",
     "tests/bundles/test_resume.py",
     "tests/bundles/test_hybrid.py",

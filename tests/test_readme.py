@@ -113,8 +113,8 @@ def checkout(tmp_path_factory):
     shutil.copytree(ROOT / "bundles", repo / "bundles")
     for configs in (repo / "bundles").glob("*/configs"):
         _shrink(configs)
-    (repo / "apps" / "monailabel").mkdir(parents=True)
-    shutil.copy(ROOT / "apps" / "monailabel" / "main.py", repo / "apps" / "monailabel" / "main.py")
+    app = ROOT / "apps" / "monailabel"
+    shutil.copytree(app, repo / "apps" / "monailabel", ignore=shutil.ignore_patterns("model", "__pycache__"))
     for venv in (".venv", ".venv-monailabel"):
         (repo / venv).symlink_to(ROOT / venv)
     kvasir = make_synthetic_dataset(data / "kvasir-seg", n_images=24, size=(48, 56))
@@ -132,6 +132,33 @@ def _fresh_env() -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "VIRTUAL_ENV", "PYTHON"))}
     env["PATH"] = os.pathsep.join(path or ["/usr/bin", "/bin"])
     return env
+
+
+def _start_background(script: str, port: int, route: str, cwd: Path, env: dict, log: Path):
+    """A server a README starts with a trailing ``&``: it serves the README's later commands."""
+    out = open(log, "w+")
+    proc = subprocess.Popen(
+        ["bash", "-ec", script.rstrip().rstrip("&")], cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_http(f"http://127.0.0.1:{port}{route}", proc, seconds=240)
+    except BaseException:
+        _stop_background(proc, out)
+        raise
+    return proc, out
+
+
+def _stop_background(proc, out) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    out.seek(0)
+    print(out.read()[-3000:])  # shown when a later command failed
+    out.close()
 
 
 def _run_server(script: str, port: int, route: str, cwd: Path, env: dict, log: Path) -> None:
@@ -173,7 +200,7 @@ def test_the_readme_blocks_hold_the_commands_a_user_runs():
 
 
 @pytest.mark.skipif(not (ROOT / ".venv" / "bin" / "activate").exists(), reason="no .venv: run `make venv`")
-def test_every_readme_command_runs_as_written(checkout, tmp_path):
+def test_every_readme_command_runs_as_written(checkout, tmp_path, request):
     env, ran, logs = _fresh_env(), [], tmp_path / "logs"
     logs.mkdir()
     for readme in READMES:
@@ -187,6 +214,11 @@ def test_every_readme_command_runs_as_written(checkout, tmp_path):
             server = next(((p, r) for rx, p, r in SERVERS if rx.search(command)), None)
             if server:
                 port = int(re.search(r"--port (\d+)", command).group(1)) if "--port" in command else server[0]
+            if server and command.rstrip().endswith("&"):  # serves the later commands, stopped at the end
+                log = logs / f"background{len(ran)}.log"
+                running = _start_background(script, port, server[1], checkout, env, log)
+                request.addfinalizer(lambda running=running: _stop_background(*running))
+            elif server:
                 _run_server(script, port, server[1], checkout, env, logs / f"server{len(ran)}.log")
             else:
                 p = subprocess.run(
