@@ -20,7 +20,7 @@ from pathlib import Path
 from ..errors import InvalidInputError, MissingInputError
 from ..gaze.pseudo_masks import MIN_MAX_SIDE
 
-__all__ = ["check_settings", "exit_on_bad_settings"]
+__all__ = ["check_settings", "check_acceleration", "exit_on_bad_settings"]
 
 _CHOICES = {
     "supervision": ("gaze", "full", "hybrid"),
@@ -41,6 +41,12 @@ _BOOLEANS = (
     "dii_normalize",
     "dcr",
     "freeze_prompt",
+    "amp",
+    "compile",
+    "channels_last",
+    "pin_memory",
+    "non_blocking",
+    "mlflow_iteration_log",
 )
 
 
@@ -108,6 +114,8 @@ def check_settings(
     image_labels=None,
     image_label_classes=None,
     prompt_checkpoint=None,
+    checkpoint_interval=None,
+    device=None,
     **choices,
 ) -> None:
     """Check a bundle's settings; raise on the first bad one, naming it.
@@ -129,6 +137,9 @@ def check_settings(
         image_labels: the stage-1 image labels, an existing folder or CSV file.
         image_label_classes: two different class names (negative, positive).
         prompt_checkpoint: the stage-1 checkpoint stage 2 loads, an existing file.
+        checkpoint_interval: iterations between two ``latest.pt`` saves (an integer >= 1), or ``None``.
+        device: the training device; with ``amp``, ``compile``, ``compute_dtype`` and the step
+            settings it is checked by :func:`check_acceleration`.
         choices: ``supervision``, ``consistency``, ``compute_dtype``, ``train_step``, ``level_init`` (one
             of their values), ``step_in_backward``, ``release_memory``, ``cudnn_benchmark``, ``strong_only``,
             ``dii``, ``dcr`` (booleans: ``True``/``False`` on the command line; ``false`` is a string).
@@ -176,6 +187,8 @@ def check_settings(
         _ints("features", features, length=6)
     if limit is not None:
         _int("limit", limit, 1)
+    if checkpoint_interval is not None:
+        _int("checkpoint_interval", checkpoint_interval, 1)
     for name, value in choices.items():
         if name in _CHOICES:
             if value not in _CHOICES[name]:
@@ -214,6 +227,7 @@ def check_settings(
             f"prompt_checkpoint {os.fspath(prompt_checkpoint)!r} not found: train stage 1 first "
             "(configs/prompt_stage1.json writes models/prompt_stage1/model.pt) or pass --prompt_checkpoint"
         )
+    check_acceleration(device, **{k: choices[k] for k in _ACCELERATION if k in choices})
     supervision = choices.get("supervision", "gaze")
     if supervision == "hybrid" and not hybrid_config:
         raise InvalidInputError(
@@ -224,6 +238,71 @@ def check_settings(
         raise MissingInputError(
             f"gaze_csv {os.fspath(gaze_csv)!r} does not exist ({supervision} supervision reads it)"
         )
+
+
+_ACCELERATION = ("compute_dtype", "amp", "compile", "train_step", "step_in_backward", "release_memory")
+
+
+def check_acceleration(
+    device=None,
+    compute_dtype=None,
+    amp=False,
+    compile=False,
+    train_step="joint",
+    step_in_backward=False,
+    release_memory=False,
+) -> None:
+    """Refuse the precision and compilation settings that cannot work together, with the reason.
+
+    * ``compute_dtype`` ``float16`` needs ``amp`` true: float16 gradients underflow without a loss
+      scale, and ``amp`` is MONAI's ``SupervisedTrainer(amp=True)``, which scales the loss with a
+      ``GradScaler`` (bfloat16 has float32's range and needs none).
+    * ``amp`` autocasts with ``torch.autocast("cuda")`` (MONAI): CUDA only, a float16 or bfloat16
+      ``compute_dtype``, and MONAI's joint iteration (the levelwise step runs its own backward passes,
+      which the scaler does not see).
+    * ``compile`` is MONAI's ``SupervisedTrainer(compile=True)``: only its joint iteration calls the
+      compiled network (the levelwise step and its memory hooks run the level networks themselves), and
+      not on CPU, where ``torch.compile`` fails on BasicUNet's replicate padding in the backward pass
+      (``aten.replication_pad2d_backward``, torch 2.13).
+
+    Args:
+        device: the training device (``torch.device`` or string); ``None``: not checked against.
+        compute_dtype, amp, compile, train_step, step_in_backward, release_memory: the bundle's settings.
+
+    Raises:
+        InvalidInputError: the first combination that cannot work.
+    """
+    kind = None if device is None else str(getattr(device, "type", device)).split(":")[0]
+    if compute_dtype == "float16" and not amp:
+        raise InvalidInputError(
+            "compute_dtype 'float16' needs a GradScaler: set amp true (--amp True, MONAI's SupervisedTrainer "
+            "scales the loss; CUDA only) or use compute_dtype 'bfloat16', which needs no scaling"
+        )
+    low_memory = train_step == "levelwise" or step_in_backward or release_memory
+    if amp:
+        if compute_dtype not in ("float16", "bfloat16"):
+            raise InvalidInputError(f"amp needs compute_dtype 'float16' or 'bfloat16', got {compute_dtype!r}")
+        if kind is not None and kind != "cuda":
+            raise InvalidInputError(
+                f"amp runs MONAI's torch.autocast('cuda'): it needs a CUDA device, got {kind!r} "
+                "(on CPU: compute_dtype 'bfloat16' with amp false autocasts the network)"
+            )
+        if low_memory:
+            raise InvalidInputError(
+                "amp (GradScaler) needs train_step 'joint' without step_in_backward/release_memory: the "
+                "levelwise step runs its own backward passes, which the scaler does not see"
+            )
+    if compile:
+        if low_memory:
+            raise InvalidInputError(
+                "compile needs train_step 'joint' without step_in_backward/release_memory (the low-memory "
+                "step): only MONAI's joint iteration calls the compiled network"
+            )
+        if kind == "cpu":
+            raise InvalidInputError(
+                "compile does not work on CPU: torch.compile fails on BasicUNet's replicate padding in the "
+                "backward pass (aten.replication_pad2d_backward); use it on CUDA"
+            )
 
 
 def exit_on_bad_settings(**settings) -> None:
