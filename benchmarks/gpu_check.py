@@ -125,7 +125,10 @@ class Stages:
     def left(self) -> float:
         return self.budget - (time.perf_counter() - self.t0)
 
-    def run(self, name: str, fn, need_s: float = 0.0) -> dict | None:
+    def run(self, name: str, fn, need_s: float = 0.0, skip: bool = False) -> dict | None:
+        if skip:
+            self.report[name] = {"ok": False, "skipped": "--skip"}
+            return None
         if self.left() < need_s:
             self.report[name] = {
                 "ok": False,
@@ -329,7 +332,11 @@ def main(argv=None) -> int:
     ap.add_argument("--iterations", type=int, default=None, help="bundle iterations (300; tiny 6)")
     ap.add_argument("--bundle-warmup", type=int, default=None, help="untimed bundle iterations (first epoch)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads in the steps (16; tiny 1)")
-    ap.add_argument("--skip", default="", help="comma-separated stages not to run")
+    ap.add_argument(
+        "--skip",
+        default="",
+        help="stages not to run, comma-separated: setup, step, bundle, compile, channels_last",
+    )
     args = ap.parse_args(argv)
     tiny = args.tiny
     args.steps = args.steps or (2 if tiny else 20)
@@ -345,61 +352,58 @@ def main(argv=None) -> int:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     stages = Stages(args.budget, out)
-    # a stage is given what is left minus what the later ones need at least
-    stages.run("setup", lambda: setup(env, carry, logs)) if "setup" not in skip else None
-    envinfo = stages.run("environment", lambda: environment(env)) or {}
+    # each stage gets at most its room, and leaves the later ones a minute
     room = {"step_bfloat16": 150, "step_float32": 120, "bundle": 200}
-    if "step" not in skip:
+    stages.run("setup", lambda: setup(env, carry, logs), skip="setup" in skip)
+    envinfo = stages.run("environment", lambda: environment(env)) or {}
+    for dtype in ("bfloat16", "float32"):
+        name = f"step_{dtype}"
         stages.run(
-            "step_bfloat16",
-            lambda: train_step(
+            name,
+            lambda dtype=dtype, name=name: train_step(
+                env,
+                args,
+                shape,
+                dtype,
+                logs,
+                min(room[name], stages.left() - 60),
+                profile_dir=profiles if dtype == "bfloat16" else None,
+            ),
+            need_s=30,
+            skip="step" in skip,
+        )
+
+    def bundle():
+        if args.data:
+            data = Path(args.data).resolve()
+        elif tiny and not (carry / "kvasir").is_dir():
+            data = tiny_data(out / "work")
+        else:
+            data = carry / "kvasir"
+        if not (data / "gaze.csv").is_file():
+            raise FileNotFoundError(f"{data}/gaze.csv not found: run benchmarks/gpu_prepare.sh here first")
+        if args.bundle_warmup is None:
+            args.bundle_warmup = 2 if tiny else 20
+        timeout = min(room["bundle"], stages.left() - 5)
+        return bundle_run(env, args, shape, data, out / "work", logs, timeout)
+
+    stages.run("bundle", bundle, need_s=40, skip="bundle" in skip)
+    for opt in ("compile", "channels_last"):  # measured options of ours, bf16
+        stages.run(
+            f"step_{opt}",
+            lambda opt=opt: train_step(
                 env,
                 args,
                 shape,
                 "bfloat16",
                 logs,
-                min(room["step_bfloat16"], stages.left() - 60),
-                profile_dir=profiles,
-            ),  # fmt: skip
-            need_s=30,
-        )
-        stages.run(
-            "step_float32",
-            lambda: train_step(
-                env, args, shape, "float32", logs, min(room["step_float32"], stages.left() - 60)
+                stages.left() - 5,
+                extra=("--" + opt.replace("_", "-"),),
+                impl="ours",
             ),
-            need_s=30,
+            need_s=60 if not tiny else 5,
+            skip=opt in skip,
         )
-    if "bundle" not in skip:
-
-        def bundle():
-            if args.data:
-                data = Path(args.data).resolve()
-            elif tiny and not (carry / "kvasir").is_dir():
-                data = tiny_data(out / "work")
-            else:
-                data = carry / "kvasir"
-            if not (data / "gaze.csv").is_file():
-                raise FileNotFoundError(
-                    f"{data}/gaze.csv not found: run benchmarks/gpu_prepare.sh here first"
-                )
-            if args.bundle_warmup is None:
-                args.bundle_warmup = 2 if tiny else 20
-            return bundle_run(
-                env, args, shape, data, out / "work", logs, min(room["bundle"], stages.left() - 5)
-            )
-
-        stages.run("bundle", bundle, need_s=40)
-    for opt in ("compile", "channels_last"):
-        if opt not in skip:
-            flag = "--" + opt.replace("_", "-")
-            stages.run(
-                f"step_{opt}",
-                lambda flag=flag: train_step(
-                    env, args, shape, "bfloat16", logs, stages.left() - 5, extra=(flag,), impl="ours"
-                ),  # fmt: skip
-                need_s=60 if not tiny else 5,
-            )
     result = {
         "check": "gpu_check",
         "tiny": tiny,
