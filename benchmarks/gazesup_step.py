@@ -63,10 +63,14 @@ def _neighbours(x: torch.Tensor, kernel_size: int = 5, dilation: int = 2) -> tor
 
 
 def propagate(feat: torch.Tensor) -> torch.Tensor:
-    """Unfolded feature propagation: softmax over clamped dot products with the 25 neighbours."""
-    nb = _neighbours(feat)
-    weight = torch.softmax(torch.einsum("bchw,bcnhw->bhwn", feat, nb).clamp(min=0), dim=-1)
-    return torch.einsum("bcnhw,bhwn->bchw", nb, weight)
+    """Unfolded feature propagation: softmax over clamped dot products with the 25 neighbours.
+
+    The features are unfolded twice, once as keys and once as values (the same tensor, two copies,
+    as in the original): the memory the reference holds is part of what is compared.
+    """
+    keys, values = _neighbours(feat), _neighbours(feat)
+    weight = torch.softmax(torch.einsum("bchw,bcnhw->bhwn", feat, keys).clamp(min=0), dim=-1)
+    return torch.einsum("bcnhw,bhwn->bchw", values, weight)
 
 
 class GazeSupModel(nn.Module):

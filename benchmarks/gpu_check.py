@@ -80,7 +80,8 @@ class IterationClock:
 
         engine.add_event_handler(Events.STARTED, self._started)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration)
-        engine.add_event_handler(Events.COMPLETED, self._completed)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write, True)  # partial, unsynchronised
+        engine.add_event_handler(Events.COMPLETED, self._write)
 
     def _started(self, engine) -> None:
         self.t_start = time.perf_counter()
@@ -91,7 +92,7 @@ class IterationClock:
             self._sync()
         self.marks.append(time.perf_counter())
 
-    def _completed(self, engine) -> None:
+    def _write(self, engine, partial: bool = False) -> None:
         import statistics
 
         timed = self.marks[self.warmup - 1 :] if len(self.marks) > self.warmup else self.marks
@@ -106,6 +107,8 @@ class IterationClock:
             "median_ms_per_iteration": round(statistics.median(deltas) * 1000, 1) if deltas else None,
             "first_iteration_s": round(self.marks[0] - self.t_start, 2) if self.marks else None,
         }
+        if partial:  # what a run stopped by its time box leaves: the figures up to the last epoch
+            res["partial"] = True
         Path(self.path).write_text(json.dumps(res))
 
 
@@ -214,7 +217,7 @@ def train_step(env, args, shape, dtype, logs, timeout, extra=(), profile_dir=Non
     cmd += ["--steps", str(args.steps), "--threads", str(args.threads), *extra]
     if profile_dir:
         cmd += ["--profile-dir", str(profile_dir)]
-    name = "_".join(["step", dtype, *[e.strip("-").replace("-", "_") for e in extra]])
+    name = "_".join(["step", dtype, *[e.strip("-").replace("-", "_") for e in extra]])  # its log file
     return _last_json(_run(cmd, env, timeout, logs / f"{name}.log").stdout)
 
 
@@ -276,7 +279,16 @@ def bundle_run(env, args, shape, data: Path, work: Path, logs: Path, timeout: fl
         cmd += ["--features", "[4,4,8,8,16,4]", "--image_size", "[32,32]", "--batch_size", "2"]
         cmd += ["--num_workers", "0", "--cache_workers", "1", "--val_fraction", "0.34"]
     child = dict(env, PYTHONPATH=str(HERE) + os.pathsep + env["PYTHONPATH"])
-    _run(cmd, child, timeout, logs / "bundle.log")
+    try:
+        _run(cmd, child, timeout, logs / "bundle.log")
+    except TimeoutError:
+        if not clock.is_file():
+            raise
+        res = json.loads(clock.read_text())  # the epochs it finished: figures marked partial
+        if not res.get("timed_iterations"):
+            raise
+        res["timed_out"] = True
+        return {**info, **res, "configs": [c.name for c in configs[:-1]]}
     res = json.loads(clock.read_text())
     res["configs"] = [c.name for c in configs[:-1]]
     return {**info, **res}
@@ -298,10 +310,10 @@ def summarise(report: dict) -> dict:
         r = report.get(f"step_{dtype}", {})
         if r.get("ok"):
             s[dtype] = {k: r.get(k) for k in SUMMARY_KEYS}
-    for opt in ("compile", "channels_last"):
-        r = report.get(f"step_{opt}", {})
-        if r.get("ok"):
-            s[opt] = {"ms_per_step": r.get("ms_per_step"), "peak_cuda_mb": r.get("peak_cuda_mb")}
+    for name, r in report.items():  # the measured options of ours: step_compile, step_propagation_...
+        if name.startswith("step_") and name[5:] not in s and name[5:] not in ("bfloat16", "float32"):
+            if r.get("ok"):
+                s[name[5:]] = {"ms_per_step": r.get("ms_per_step"), "peak_cuda_mb": r.get("peak_cuda_mb")}
     b, bf = report.get("bundle", {}), s.get("bfloat16", {})
     if b.get("ok") and b.get("ms_per_iteration") and bf.get("ms_per_step"):
         s["bundle_ms_per_iteration"] = b["ms_per_iteration"]
@@ -388,21 +400,26 @@ def main(argv=None) -> int:
         return bundle_run(env, args, shape, data, out / "work", logs, timeout)
 
     stages.run("bundle", bundle, need_s=40, skip="bundle" in skip)
-    for opt in ("compile", "channels_last"):  # measured options of ours, bf16
+    # measured options of ours, bf16: the propagation's implementations where train_step.py has the
+    # switch (#24 item 2: the fused kernel or torch.compile, whichever measures faster; GPU only),
+    # then channels-last and torch.compile (the slowest to start: last)
+    options = {"channels_last": ["--channels-last"], "compile": ["--compile"]}
+    if (
+        not tiny
+        and "--propagation"
+        in subprocess.run(
+            [sys.executable, str(HERE / "train_step.py"), "--help"], env=env, capture_output=True, text=True
+        ).stdout
+    ):
+        options = {f"propagation_{k}": ["--propagation", k] for k in ("shifted", "compiled")} | options
+    for opt, extra in options.items():
         stages.run(
             f"step_{opt}",
-            lambda opt=opt: train_step(
-                env,
-                args,
-                shape,
-                "bfloat16",
-                logs,
-                stages.left() - 5,
-                extra=("--" + opt.replace("_", "-"),),
-                impl="ours",
+            lambda opt=opt, extra=extra: train_step(
+                env, args, shape, "bfloat16", logs, stages.left() - 5, extra=tuple(extra), impl="ours"
             ),
             need_s=60 if not tiny else 5,
-            skip=opt in skip,
+            skip=opt in skip or opt.split("_")[0] in skip,
         )
     result = {
         "check": "gpu_check",

@@ -148,14 +148,22 @@ def _profile(run_step, cuda: bool, path: str, rows: int = 30) -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities, profile_memory=False) as prof:
-        run_step()
-        if cuda:
-            torch.cuda.synchronize()
-    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=key, row_limit=rows)
-    Path(path).write_text(table)
+    try:  # a profiler failure costs the table, never the timing measured before it
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities, profile_memory=False) as prof:
+            run_step()
+            if cuda:
+                torch.cuda.synchronize()
+        table = None
+        for key in ("self_device_time_total", "self_cuda_time_total") if cuda else ("self_cpu_time_total",):
+            try:
+                table = prof.key_averages().table(sort_by=key, row_limit=rows)
+                break
+            except (AttributeError, KeyError):
+                continue
+        Path(path).write_text(table or prof.key_averages().table(row_limit=rows))
+    except Exception as e:  # noqa: BLE001
+        Path(path).write_text(f"profiling failed: {type(e).__name__}: {e}\n")
 
 
 def measure_gazesup(levels, features, size, batch, steps, dev, dtype, profile, baseline) -> dict:
