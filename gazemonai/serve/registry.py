@@ -67,7 +67,13 @@ class BundlePyfuncModel(PythonModel):
     ``uint8`` for RGB endoscopy, (N, H, W) ``float32`` for single-channel images (the registered
     signature says which). It returns (N, H, W) ``uint8`` masks (0/1) at the input size — the same
     masks the bundle's inference writes as PNG files.
+
+    The network runs on the first CUDA device when there is one (else the CPU), on up to
+    :attr:`batch_size` images at a time; pre- and postprocessing (resize, its inversion) stay per image.
     """
+
+    #: images per forward pass in :meth:`predict`
+    batch_size = 16
 
     def load_context(self, context) -> None:
         import torch
@@ -80,8 +86,8 @@ class BundlePyfuncModel(PythonModel):
         parser = ConfigParser()
         parser.read_config(str(bundle / "configs" / "inference.json"))
         parser["bundle_root"] = str(bundle)
-        parser["device"] = "$torch.device('cpu')"
-        self.device = torch.device("cpu")
+        self.device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+        parser["device"] = f"$torch.device('{self.device}')"
         self.network = parser.get_parsed_content("network_def")
         ckpt = bundle / "models" / "model.pt"
         state = load_weights(ckpt)
@@ -91,7 +97,7 @@ class BundlePyfuncModel(PythonModel):
             raise CheckpointMismatchError(
                 f"checkpoint {ckpt} does not fit {bundle}/configs/inference.json: {e}"
             ) from e
-        self.network.eval()
+        self.network.to(self.device).eval()
         self.in_channels = int(parser.get_parsed_content("in_channels", default=3))
         pre = parser.get_parsed_content("preprocessing")
         # files are loaded by the caller: keep everything after loading and channel handling
@@ -134,14 +140,20 @@ class BundlePyfuncModel(PythonModel):
         images = self._as_batch(model_input)
         masks = []
         with torch.no_grad():
-            for image in images:
-                # (H, W, C) -> (C, H, W), as LoadImaged + EnsureChannelFirstd give the bundle
-                chw = np.ascontiguousarray(image.transpose(2, 0, 1))
-                data = {"image": MetaTensor(torch.as_tensor(chw).float())}
-                data = self.preprocessing(data)
-                data["pred"] = self.inferer(data["image"][None].to(self.device), self.network)[0]
-                data = self.postprocessing(data)
-                masks.append(np.asarray(data["pred"].detach().cpu())[0].astype(np.uint8))
+            for start in range(0, len(images), self.batch_size):
+                items = []
+                for image in images[start : start + self.batch_size]:
+                    # (H, W, C) -> (C, H, W), as LoadImaged + EnsureChannelFirstd give the bundle
+                    chw = np.ascontiguousarray(image.transpose(2, 0, 1))
+                    items.append(self.preprocessing({"image": MetaTensor(torch.as_tensor(chw).float())}))
+                batch = torch.stack([d["image"].as_tensor() for d in items]).to(
+                    self.device, non_blocking=True
+                )
+                preds = self.inferer(batch, self.network)
+                for data, pred in zip(items, preds):
+                    data["pred"] = pred
+                    data = self.postprocessing(data)
+                    masks.append(np.asarray(data["pred"].detach().cpu())[0].astype(np.uint8))
         return np.stack(masks)
 
 
@@ -155,6 +167,9 @@ def _pip_requirements() -> list[str]:
     pinned = []
     for r in reqs:
         name = r.split(">")[0].split("=")[0].split("<")[0].strip()
+        if name == "torch":  # the package's own range: this machine's build (e.g. +cpu) is not the server's
+            pinned.append(r)
+            continue
         try:
             pinned.append(f"{name}=={version(name)}")
         except PackageNotFoundError:

@@ -22,7 +22,7 @@ from ..gaze.heatmap import check_sigma
 from ..gaze.pseudo_masks import MIN_MAX_SIDE
 from ..prep.limits import available_memory, check_memory, check_workers
 
-__all__ = ["check_settings", "exit_on_bad_settings"]
+__all__ = ["check_settings", "check_acceleration", "exit_on_bad_settings"]
 
 _CHOICES = {
     "supervision": ("gaze", "full", "hybrid"),
@@ -46,6 +46,12 @@ _BOOLEANS = (
     "dii_normalize",
     "dcr",
     "freeze_prompt",
+    "amp",
+    "compile",
+    "channels_last",
+    "pin_memory",
+    "non_blocking",
+    "mlflow_iteration_log",
 )
 
 
@@ -154,6 +160,8 @@ def check_settings(
     dii_interval=None,
     dcr_weight=None,
     dcr_ramp_epochs=None,
+    checkpoint_interval=None,
+    device=None,
     **choices,
 ) -> None:
     """Check a bundle's settings; raise on the first bad one, naming it.
@@ -180,6 +188,9 @@ def check_settings(
         eval_split: ``test``, ``val``, ``train`` or a split file name under ``dataset_dir`` (it must exist).
         dii_lr: > 0. dii_interval: an integer >= 1. dcr_weight: >= 0. dcr_ramp_epochs: an integer >= 0
             (hybrid supervision; NaN is refused like any other non-number).
+        checkpoint_interval: iterations between two ``latest.pt`` saves (an integer >= 1), or ``None``.
+        device: the training device; with ``amp``, ``compile``, ``compute_dtype`` and the step
+            settings it is checked by :func:`check_acceleration`.
         choices: ``supervision``, ``consistency``, ``compute_dtype``, ``train_step``, ``level_init``,
             ``image_normalization``, ``pseudo_mask_resize``, ``prompt_stage1_arch`` (one of their values),
             ``step_in_backward``, ``release_memory``, ``cudnn_benchmark``, ``strong_only``,
@@ -246,6 +257,8 @@ def check_settings(
         _number("dcr_weight", dcr_weight, ">= 0", lambda x: x >= 0)
     if dcr_ramp_epochs is not None:
         _int("dcr_ramp_epochs", dcr_ramp_epochs, 0)
+    if checkpoint_interval is not None:
+        _int("checkpoint_interval", checkpoint_interval, 1)
     for name, value in choices.items():
         if name in _CHOICES:
             if value not in _CHOICES[name]:
@@ -296,6 +309,7 @@ def check_settings(
             f"prompt_checkpoint {os.fspath(prompt_checkpoint)!r} not found: train stage 1 first "
             "(configs/prompt_stage1.json writes models/prompt_stage1/model.pt) or pass --prompt_checkpoint"
         )
+    check_acceleration(device, **{k: choices[k] for k in _ACCELERATION if k in choices})
     supervision = choices.get("supervision", "gaze")
     if supervision == "hybrid" and not hybrid_config:
         raise InvalidInputError(
@@ -306,6 +320,71 @@ def check_settings(
         raise MissingInputError(
             f"gaze_csv {os.fspath(gaze_csv)!r} does not exist ({supervision} supervision reads it)"
         )
+
+
+_ACCELERATION = ("compute_dtype", "amp", "compile", "train_step", "step_in_backward", "release_memory")
+
+
+def check_acceleration(
+    device=None,
+    compute_dtype=None,
+    amp=False,
+    compile=False,
+    train_step="joint",
+    step_in_backward=False,
+    release_memory=False,
+) -> None:
+    """Refuse the precision and compilation settings that cannot work together, with the reason.
+
+    * ``compute_dtype`` ``float16`` needs ``amp`` true: float16 gradients underflow without a loss
+      scale, and ``amp`` is MONAI's ``SupervisedTrainer(amp=True)``, which scales the loss with a
+      ``GradScaler`` (bfloat16 has float32's range and needs none).
+    * ``amp`` autocasts with ``torch.autocast("cuda")`` (MONAI): CUDA only, a float16 or bfloat16
+      ``compute_dtype``, and MONAI's joint iteration (the levelwise step runs its own backward passes,
+      which the scaler does not see).
+    * ``compile`` is MONAI's ``SupervisedTrainer(compile=True)``: only its joint iteration calls the
+      compiled network (the levelwise step and its memory hooks run the level networks themselves), and
+      not on CPU, where ``torch.compile`` fails on BasicUNet's replicate padding in the backward pass
+      (``aten.replication_pad2d_backward``, torch 2.13).
+
+    Args:
+        device: the training device (``torch.device`` or string); ``None``: not checked against.
+        compute_dtype, amp, compile, train_step, step_in_backward, release_memory: the bundle's settings.
+
+    Raises:
+        InvalidInputError: the first combination that cannot work.
+    """
+    kind = None if device is None else str(getattr(device, "type", device)).split(":")[0]
+    if compute_dtype == "float16" and not amp:
+        raise InvalidInputError(
+            "compute_dtype 'float16' needs a GradScaler: set amp true (--amp True, MONAI's SupervisedTrainer "
+            "scales the loss; CUDA only) or use compute_dtype 'bfloat16', which needs no scaling"
+        )
+    low_memory = train_step == "levelwise" or step_in_backward or release_memory
+    if amp:
+        if compute_dtype not in ("float16", "bfloat16"):
+            raise InvalidInputError(f"amp needs compute_dtype 'float16' or 'bfloat16', got {compute_dtype!r}")
+        if kind is not None and kind != "cuda":
+            raise InvalidInputError(
+                f"amp runs MONAI's torch.autocast('cuda'): it needs a CUDA device, got {kind!r} "
+                "(on CPU: compute_dtype 'bfloat16' with amp false autocasts the network)"
+            )
+        if low_memory:
+            raise InvalidInputError(
+                "amp (GradScaler) needs train_step 'joint' without step_in_backward/release_memory: the "
+                "levelwise step runs its own backward passes, which the scaler does not see"
+            )
+    if compile:
+        if low_memory:
+            raise InvalidInputError(
+                "compile needs train_step 'joint' without step_in_backward/release_memory (the low-memory "
+                "step): only MONAI's joint iteration calls the compiled network"
+            )
+        if kind == "cpu":
+            raise InvalidInputError(
+                "compile does not work on CPU: torch.compile fails on BasicUNet's replicate padding in the "
+                "backward pass (aten.replication_pad2d_backward); use it on CUDA"
+            )
 
 
 def exit_on_bad_settings(**settings) -> None:

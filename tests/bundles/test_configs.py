@@ -115,4 +115,5 @@ def test_every_name_a_config_refers_to_exists(config):
         "low_memory.json",
         "paper_profile.json",
         "inference_torchscript.json",
+        "gpu.json",
     )

@@ -258,3 +258,36 @@ def test_evaluate_names_a_model_that_is_not_there(trained_kvasir, tmp_path):
     assert p.returncode == 2 and "models:/no_such_model/1" in p.stderr, p.stderr[-2000:]
     p = cli("predict", "--model", "models:/x/1", "--images", tmp_path / "nope", "--out", tmp_path / "o")
     assert p.returncode == 2 and "--images" in p.stderr and "no such folder" in p.stderr
+
+
+def test_batched_predict_equals_one_image_at_a_time_on_the_model_device(
+    kvasir_checkpoint, synthetic_root, tmp_path
+):
+    import torch
+
+    from gazemonai.serve.registry import bundle_predictor
+
+    model = bundle_predictor(tmp_path / "staged", checkpoint=kvasir_checkpoint, bundle_dir=BUNDLE)
+    expected = "cuda" if torch.cuda.is_available() else "cpu"  # the device follows the machine
+    assert model.device.type == expected and next(model.network.parameters()).device.type == expected
+    names = sorted(p.name for p in (synthetic_root / "images").glob("*.png"))[:5]
+    images = np.stack([np.asarray(Image.open(synthetic_root / "images" / n).convert("RGB")) for n in names])
+    one_at_a_time = np.stack([model.predict(None, image[None])[0] for image in images])
+    sizes = []
+    hook = model.network.register_forward_hook(lambda m, args, out: sizes.append(args[0].shape[0]))
+    model.batch_size = 2
+    batched = model.predict(None, images)
+    hook.remove()
+    assert sizes == [2, 2, 1]  # one forward pass per batch of up to batch_size images
+    assert np.array_equal(batched, one_at_a_time) and batched.shape == images.shape[:3]
+    assert 0 < batched.mean() < 1  # masks with both classes, not an all-empty agreement
+
+
+def test_pip_requirements_do_not_pin_this_machines_torch_build():
+    from gazemonai.serve.registry import _pip_requirements
+
+    reqs = _pip_requirements()
+    torch_reqs = [r for r in reqs if r.split(">")[0].split("=")[0].split("<")[0].strip() == "torch"]
+    assert len(torch_reqs) == 1 and "==" not in torch_reqs[0] and "+" not in torch_reqs[0], torch_reqs
+    assert not any("+cpu" in r for r in reqs)
+    assert any(r.startswith("monai==") for r in reqs)  # the rest stays pinned to what trained the model

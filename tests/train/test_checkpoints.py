@@ -161,3 +161,23 @@ def test_random_states_round_trip_with_the_transforms():
     assert draws() == first
     with pytest.raises(ValueError, match="3 random transform states but the training transforms have 4"):
         RandomStates(Compose([*transforms.transforms, RandFlipd("x", prob=0.5)])).load_state_dict(saved)
+
+
+def test_latest_checkpoint_every_n_iterations_saves_at_epoch_ends(tmp_path):
+    """``interval``: the first epoch end >= N iterations after the last save, and the last epoch."""
+    net = torch.nn.Linear(2, 1)
+    engine = Engine(lambda e, b: None)
+    saved_at = []
+    ckpt = LatestCheckpoint(str(tmp_path / "latest.pt"), {"model": net}, interval=5)
+    ckpt.attach(engine)
+
+    def record(e):
+        if (tmp_path / "latest.pt").is_file():
+            saved_at.append(torch.load(tmp_path / "latest.pt", weights_only=True)["trainer"]["iteration"])
+            (tmp_path / "latest.pt").unlink()
+
+    engine.add_event_handler(Events.EPOCH_COMPLETED, record)
+    engine.run([0, 0], max_epochs=7)  # 2 iterations an epoch
+    assert saved_at == [6, 12, 14]  # 6 - 0 >= 5, 12 - 6 >= 5, then the last epoch
+    with pytest.raises(ValueError, match="interval must be an integer >= 1"):
+        LatestCheckpoint(str(tmp_path / "latest.pt"), {"model": net}, interval=0)

@@ -68,3 +68,51 @@ def test_bundle_configs_get_one_line_and_exit_status_2(capsys):
     assert (
         capsys.readouterr().err == "error: image_size must be 2 integers >= 1 (height, width), got [0, 64]\n"
     )
+
+
+def test_checkpoint_interval_is_checked():
+    check_settings(checkpoint_interval=None)
+    check_settings(checkpoint_interval=500)
+    for bad in (0, 2.5, True, "500"):
+        with pytest.raises(InvalidInputError, match="^checkpoint_interval must be an integer >= 1"):
+            check_settings(checkpoint_interval=bad)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"compute_dtype": "float16"}, "compute_dtype 'float16' needs a GradScaler: set amp true"),
+        ({"device": "cuda:0", "compute_dtype": "float16"}, "needs a GradScaler"),
+        ({"device": "cuda", "compute_dtype": "float32", "amp": True}, "amp needs compute_dtype 'float16' or"),
+        ({"device": "cpu", "compute_dtype": "bfloat16", "amp": True}, r"it needs a CUDA device, got 'cpu'"),
+        (
+            {"device": "cuda", "compute_dtype": "float16", "amp": True, "train_step": "levelwise"},
+            "amp \\(GradScaler\\) needs train_step 'joint'",
+        ),
+        ({"device": "cuda", "compile": True, "train_step": "levelwise"}, "compile needs train_step 'joint'"),
+        ({"device": "cuda", "compile": True, "release_memory": True}, "compile needs train_step 'joint'"),
+        ({"device": "cpu", "compile": True}, "compile does not work on CPU"),
+    ],
+)
+def test_precision_and_compile_combinations_that_cannot_work_are_refused(settings, message):
+    import torch
+
+    if "device" in settings:  # the bundles pass a torch.device
+        settings = {**settings, "device": torch.device(settings["device"])}
+    with pytest.raises(InvalidInputError, match=message):
+        check_settings(**settings)
+
+
+def test_precision_and_compile_combinations_that_work_pass():
+    import torch
+
+    cuda = torch.device("cuda")
+    check_settings(device=cuda, compute_dtype="float16", amp=True, train_step="joint")  # MONAI's GradScaler
+    check_settings(device=cuda, compute_dtype="bfloat16", amp=True)
+    check_settings(device=cuda, compute_dtype="bfloat16", compile=True, channels_last=True)
+    check_settings(
+        device=torch.device("cpu"), compute_dtype="bfloat16", channels_last=True, train_step="levelwise"
+    )
+    for name in ("amp", "compile", "channels_last", "pin_memory", "non_blocking", "mlflow_iteration_log"):
+        with pytest.raises(InvalidInputError, match=f"^{name} must be true or false"):
+            check_settings(**{name: "false"})
