@@ -34,7 +34,7 @@ def test_metadata_is_valid_against_shipped_schema(name):
 
 #: metadata.json keys the MONAI bundle specification (docs/source/mb_specification.rst) makes mandatory
 SPEC_KEYS = {
-    "version", "monai_version", "pytorch_version", "numpy_version", "optional_packages_version", "task",
+    "version", "monai_version", "pytorch_version", "numpy_version", "required_packages_version", "task",
     "description", "authors", "copyright", "network_data_format",
 }  # fmt: skip
 TENSOR_KEYS = {
@@ -61,6 +61,32 @@ def test_metadata_has_what_the_current_bundle_spec_asks(name):
     readme = (ROOT / "bundles" / name / "docs" / "README.md").read_text()
     figures = [f"{v:.3f}".rstrip("0") for v in meta["eval_metrics"].values()]
     assert figures and all(f in readme for f in figures), figures
+
+
+#: the packages the configs import (their ``_target_``s and ``$import``s), as pip names them
+CONFIG_PACKAGES = {
+    "gazemonai", "pytorch-ignite", "mlflow", "pydensecrf2", "pillow", "itk", "nibabel", "onnxruntime",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["kvasir_gaze", "prostate_gaze"])
+def test_monai_reads_the_requirements_the_configs_need(name):
+    """What MONAI's ConfigParser.read_meta (and the executed config MLflow keeps) sees as requirements."""
+    from monai.bundle import ConfigParser
+
+    import gazemonai
+
+    parser = ConfigParser()
+    parser.read_meta(str(ROOT / "bundles" / name / "configs" / "metadata.json"))
+    meta = parser.get("_meta_")
+    assert "optional_packages_version" not in meta  # deprecated: read_meta would replace the list with it
+    required = meta["required_packages_version"]
+    assert set(required) == CONFIG_PACKAGES
+    assert required["gazemonai"] == gazemonai.__version__
+    assert all(re.fullmatch(r"\d+(\.\d+)+", v) for v in required.values()), required
+    configs = " ".join(p.read_text() for p in (ROOT / "bundles" / name / "configs").glob("*.json"))
+    for module in ("gazemonai", "ignite", "OnnxNetwork"):  # imported by the configs, listed above
+        assert module in configs
 
 
 def _strings(node):

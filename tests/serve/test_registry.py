@@ -258,3 +258,13 @@ def test_evaluate_names_a_model_that_is_not_there(trained_kvasir, tmp_path):
     assert p.returncode == 2 and "models:/no_such_model/1" in p.stderr, p.stderr[-2000:]
     p = cli("predict", "--model", "models:/x/1", "--images", tmp_path / "nope", "--out", tmp_path / "o")
     assert p.returncode == 2 and "--images" in p.stderr and "no such folder" in p.stderr
+
+
+def test_the_pyfunc_model_raises_no_type_hint_warning():
+    """MLflow checks ``predict``'s hints when the class is defined: on every register, load and report."""
+    p = subprocess.run(
+        [sys.executable, "-W", "always", "-c", "import gazemonai.serve.registry"],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "type hint" not in p.stderr.lower(), p.stderr[-2000:]
