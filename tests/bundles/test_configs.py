@@ -5,6 +5,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from helpers import ROOT
@@ -142,3 +143,41 @@ def test_every_name_a_config_refers_to_exists(config):
         "paper_profile.json",
         "inference_torchscript.json",
     )
+
+
+#: a Python in which gazemonai cannot be imported, as on a machine with MONAI and not the package: the
+#: venv's site-packages without its .pth files (-S), so the editable install's finder is not there
+SITE = "import runpy, sys; sys.path.append(sys.argv.pop(1))\n"
+MONAI_BUNDLE = SITE + "sys.argv[0] = 'monai.bundle'; runpy.run_module('monai.bundle', run_name='__main__')"
+
+
+@pytest.mark.parametrize(
+    "name, configs",
+    [
+        ("kvasir_gaze", ["train.json"]),
+        ("kvasir_gaze", ["train.json", "evaluate.json"]),
+        ("prostate_gaze", ["inference.json"]),
+    ],
+)
+def test_a_bundle_folder_without_the_package_says_what_to_install(name, configs, tmp_path):
+    import shutil
+
+    folder = tmp_path / name
+    shutil.copytree(ROOT / "bundles" / name, folder)
+    files = ",".join(f"'configs/{c}'" for c in configs)
+    import monai
+
+    site = str(Path(monai.__file__).parents[1])
+    python = [sys.executable, "-I", "-S", "-c"]
+    check = subprocess.run([*python, SITE + "import monai, gazemonai", site], capture_output=True, text=True)
+    assert "No module named 'gazemonai'" in check.stderr, check.stderr[-2000:]  # MONAI is there, we are not
+    proc = subprocess.run(
+        [*python, MONAI_BUNDLE, site, "run", "--config_file", f"[{files}]"],
+        cwd=folder, capture_output=True, text=True,
+    )  # fmt: skip
+    version = json.loads((folder / "configs" / "metadata.json").read_text())["required_packages_version"]
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"{name} needs the Python package gazemonai {version['gazemonai']}"), last
+    assert f"pip install gazemonai=={version['gazemonai']}" in last
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
