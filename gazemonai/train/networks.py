@@ -401,6 +401,12 @@ class PromptedFeatureUNet(FeatureUNet):
 class MultiLevelNet(nn.Module):
     """N level networks trained together on N pseudo-mask levels; the prediction is their mean logit.
 
+    Any spatial size: the input is padded (replicating its border) to a multiple of 16 and every
+    output cropped back, so the eager network, ``torch.jit.script(network)`` (what the model zoo's
+    ``ckpt_export`` makes of ``network_def``) and its ONNX export compute the same thing. Scripted, it
+    is an inference network: ``forward(x)`` with the configured ``output``, ``"ensemble"`` or
+    ``"stack"``.
+
     Args:
         num_levels: number of levels (networks); 1 gives a plain network (full supervision).
         init: ``"independent"`` (each level initialised on its own, as the paper describes) or
