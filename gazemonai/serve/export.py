@@ -1,20 +1,18 @@
 """A trained bundle's network as TorchScript and ONNX files that take any image size.
 
-The exported network is what inference sees, :class:`~gazemonai.train.networks.MultiLevelNet` with
-``output="ensemble"`` (the mean of the level networks' logits), in :class:`ExportableMultiLevelNet`:
-the same parameters under the same names, so MONAI's ``ckpt_export`` / ``onnx_export`` load a
-training's ``model.pt`` into it, and a forward pass TorchScript can compile and the ONNX exporter can
-keep shape-generic.
+The exported network is the one users train and infer with, the bundle's ``network_def``
+(:class:`~gazemonai.train.networks.MultiLevelNet`, ``output="ensemble"``: the mean of the level
+networks' logits). It is scriptable, so the model zoo's own command works on a training's
+``models/model.pt`` (a bare state dict)::
+
+    python -m monai.bundle ckpt_export network_def --filepath models/model.ts \
+        --ckpt_file models/model.pt --meta_file configs/metadata.json --config_file configs/inference.json
 
 **Any size.** MONAI's ``BasicUNet`` halves the image four times; for a side that is not a multiple of
 16 its decoder pads the upsampled maps to fit the skip connections, a shape-dependent branch that a
-traced graph freezes at the tracing size (a trace at 64x64 fails at 50x70) and the ONNX exporter
-cannot keep. :class:`ExportableMultiLevelNet` pads the input to the next multiple of 16 (replicating
-the border) and crops the output back, so the network inside only ever sees multiples of 16. For those
-sizes (every ``image_size`` the bundles use) the export computes what the eager ``MultiLevelNet``
-computes; for other sizes it computes what the eager network computes on the padded image (the
-eager network on the unpadded image pads inside its decoder instead, which gives other values near
-the border).
+traced graph freezes at one size. ``MultiLevelNet`` itself pads its input to the next multiple of 16
+(replicating the border) and crops the output back, in eager, TorchScript and ONNX form alike, so the
+three compute the same thing at every size.
 
 :func:`export_bundle` writes both files with MONAI's exporters, from a bundle's configs and a
 checkpoint (the settings of a recorded training are used, as ``gazemonai register`` does), and
@@ -23,6 +21,7 @@ checks each file against the eager network on two sizes before it reports succes
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -34,84 +33,16 @@ import torch
 import torch.nn as nn
 
 from ..errors import CheckpointMismatchError, InvalidInputError
-from ..train.checkpoints import load_weights
+from ..train.checkpoints import load_weights, model_weights
 from ..train.networks import MultiLevelNet
 from .staging import MODEL_SETTINGS, locate_bundle, read_run_record, stage_bundle, trained_settings
 
-__all__ = ["ExportableMultiLevelNet", "OnnxNetwork", "export_bundle", "FORMATS"]
+__all__ = ["OnnxNetwork", "export_bundle", "FORMATS"]
 
 logger = logging.getLogger(__name__)
 
 #: what :func:`export_bundle` can write, and the file each goes to (model-zoo names)
 FORMATS = {"torchscript": "model.ts", "onnx": "model.onnx"}
-
-
-class ExportableMultiLevelNet(nn.Module):
-    """:class:`MultiLevelNet`'s inference output as one exportable graph for any 2-D image size.
-
-    Pads the input (replicating its border) to the next multiple of ``multiple``, averages the level
-    networks' logits, and crops back to the input's size. Parameters are named as in
-    :class:`MultiLevelNet` (``levels.<i>.…``, ``prompt.…``): its state dict loads as is. With an
-    image-label prompt (``prompt_features``) the stage-1 pyramid of the padded image feeds every level.
-
-    Args:
-        num_levels: number of level networks.
-        multiple: the padded sides' multiple (16 for the 4 poolings of ``BasicUNet``).
-        prompt_features: the stage-1 widths of a prompted network (``None``: no prompt).
-        prompt_classes: the stage-1 network's logits.
-        unet_kwargs: passed to each :class:`FeatureUNet` (``in_channels``, ``features``, ...); 2-D only.
-        kwargs: :class:`MultiLevelNet`'s training options (``init``, ``propagate``, ...), accepted so
-            a ``network_def`` config entry can name this class, and unused.
-    """
-
-    TRAINING_OPTIONS = (
-        "init", "propagate", "propagate_logits", "kernel_size", "dilation", "output", "return_features",
-        "freeze_prompt",
-    )  # fmt: skip
-    __constants__ = ["prompted"]  # TorchScript compiles only the branch the network has
-
-    def __init__(
-        self, num_levels: int = 2, multiple: int = 16, prompt_features=None, prompt_classes: int = 1, **kwargs
-    ) -> None:
-        super().__init__()
-        unet_kwargs = {k: v for k, v in kwargs.items() if k not in self.TRAINING_OPTIONS}
-        if int(unet_kwargs.get("spatial_dims", 2)) != 2:
-            raise InvalidInputError("ExportableMultiLevelNet exports 2-D networks (spatial_dims=2) only")
-        if int(num_levels) < 1 or int(multiple) < 1:
-            raise InvalidInputError(f"num_levels and multiple must be >= 1, got {num_levels}, {multiple}")
-        self.multiple = int(multiple)
-        self._share(
-            MultiLevelNet(
-                num_levels, prompt_features=prompt_features, prompt_classes=prompt_classes, **unet_kwargs
-            )
-        )
-
-    def _share(self, network: MultiLevelNet) -> None:
-        """Take ``network``'s level networks and stage-1 prompt (if any) as this module's (no copy)."""
-        self.levels = network.levels
-        self.prompted = network.prompt is not None
-        self.prompt = network.prompt if network.prompt is not None else nn.Identity()
-
-    @classmethod
-    def from_network(cls, network: MultiLevelNet, multiple: int = 16) -> ExportableMultiLevelNet:
-        """The exportable form of ``network``, sharing its level networks (no copy)."""
-        module = cls.__new__(cls)
-        nn.Module.__init__(module)
-        module.multiple = int(multiple)
-        module._share(network)
-        return module
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        height, width = x.shape[-2], x.shape[-1]
-        pad_h = (self.multiple - height % self.multiple) % self.multiple
-        pad_w = (self.multiple - width % self.multiple) % self.multiple
-        padded = nn.functional.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
-        if self.prompted:
-            pyramid = self.prompt.pyramid(padded)
-            logits = [level(padded, pyramid) for level in self.levels]
-        else:
-            logits = [level(padded) for level in self.levels]
-        return torch.stack(logits).mean(0)[..., :height, :width]
 
 
 class OnnxNetwork(nn.Module):
@@ -154,12 +85,24 @@ def _eager_network(staged: Path) -> tuple[MultiLevelNet, str]:
     state = load_weights(staged / "models" / "model.pt")
     if not isinstance(state, dict):
         raise CheckpointMismatchError(f"checkpoint holds a {type(state).__name__}, not a state dict")
-    key = "model" if isinstance(state.get("model"), dict) else ""  # BestCheckpoint: {"model": weights}
+    key = "model" if isinstance(state.get("model"), dict) else ""  # bundles < 0.5.0: {"model": weights}
     try:
-        network.load_state_dict(state[key] if key else state)
+        network.load_state_dict(model_weights(state))
     except RuntimeError as e:
         raise CheckpointMismatchError(f"checkpoint does not fit the bundle's inference.json: {e}") from e
     return network.eval(), key
+
+
+@contextlib.contextmanager
+def _quiet(name: str, level: int = logging.WARNING):
+    """Logger ``name`` shows records of ``level`` and above only, while the block runs."""
+    log = logging.getLogger(name)
+    previous = log.level
+    log.setLevel(max(level, previous))
+    try:
+        yield
+    finally:
+        log.setLevel(previous)
 
 
 def _check_sizes(staged: Path) -> list[list[int]]:
@@ -210,12 +153,10 @@ def export_bundle(
     overrides = {**{k: trained[k] for k in MODEL_SETTINGS if k in trained}, **(overrides or {})}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    target = {"network_def#_target_": f"{ExportableMultiLevelNet.__module__}.ExportableMultiLevelNet"}
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         staged = stage_bundle(bundle, Path(tmp) / "bundle", ckpt, overrides or None)
-        eager, key = _eager_network(staged)  # a checkpoint that does not fit fails here, before any export
-        reference = ExportableMultiLevelNet.from_network(eager)
+        reference, key = _eager_network(staged)  # a checkpoint that does not fit fails here, first
         configs = staged / "configs"
         common = {
             "net_id": "network_def",
@@ -223,7 +164,6 @@ def export_bundle(
             "key_in_ckpt": key,
             "meta_file": str(configs / "metadata.json"),
             "config_file": str(configs / "inference.json"),
-            **target,
         }
         sizes = _check_sizes(staged)
         for fmt in formats:
@@ -232,16 +172,17 @@ def export_bundle(
                 ckpt_export(filepath=str(path), **common)
                 exported = torch.jit.load(str(path), map_location="cpu").eval()
             else:
-                onnx_export(
-                    filepath=str(path),
-                    input_shape=sizes[0],
-                    converter_kwargs={
-                        "input_names": ["image"],
-                        "output_names": ["pred"],
-                        "dynamic_axes": {"image": {0: "batch", 2: "height", 3: "width"}},
-                    },
-                    **common,
-                )
+                with _quiet("onnx_ir"):  # its initializer deduplication logs each of ~130 merges at INFO
+                    onnx_export(
+                        filepath=str(path),
+                        input_shape=sizes[0],
+                        converter_kwargs={
+                            "input_names": ["image"],
+                            "output_names": ["pred"],
+                            "dynamic_axes": {"image": {0: "batch", 2: "height", 3: "width"}},
+                        },
+                        **common,
+                    )
                 exported = OnnxNetwork(path, providers=["CPUExecutionProvider"])
             differences = {}
             torch.manual_seed(0)

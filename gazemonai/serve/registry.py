@@ -34,7 +34,7 @@ except ImportError as e:  # pragma: no cover
     raise ImportError("gazemonai.serve.registry needs mlflow (pip install mlflow)") from e
 
 from ..errors import CheckpointMismatchError, CheckpointReadError, InvalidInputError, TrackingUnavailableError
-from ..train.checkpoints import load_weights
+from ..train.checkpoints import load_weights, model_weights
 from ..train.tracking import fail_fast_http, is_outage
 from .staging import (
     MODEL_SETTINGS,
@@ -90,9 +90,9 @@ class BundlePyfuncModel(PythonModel):
         parser["device"] = f"$torch.device('{self.device}')"
         self.network = parser.get_parsed_content("network_def")
         ckpt = bundle / "models" / "model.pt"
-        state = load_weights(ckpt)
+        state = model_weights(load_weights(ckpt))
         try:
-            self.network.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
+            self.network.load_state_dict(state)
         except RuntimeError as e:  # missing/unexpected keys, shape mismatches: widths, levels, channels
             raise CheckpointMismatchError(
                 f"checkpoint {ckpt} does not fit {bundle}/configs/inference.json: {e}"
@@ -133,7 +133,10 @@ class BundlePyfuncModel(PythonModel):
             batch = (a if a.ndim == 3 else np.repeat(a[..., None], self.in_channels, axis=-1))[None]
         return self.predict(None, batch)[0]
 
-    def predict(self, context, model_input, params=None) -> np.ndarray:
+    def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
+        # the batch, or {"images": batch} (the signature's named input). The hint is what MLflow takes
+        # without inferring a schema from it (the registered signature is the schema) and without its
+        # "Add type hints to the predict method" warning on every import
         import torch
         from monai.data import MetaTensor
 

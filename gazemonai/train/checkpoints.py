@@ -8,9 +8,12 @@ A bundle run writes two files under ``<bundle_root>/models``:
   run killed at any moment (even ``kill -9`` mid-epoch) and resumed ends with the same weights and
   metrics, to the bit on a CPU, as one never interrupted: the interrupted epoch is replayed from
   the same random state.
-* ``model.pt`` (:class:`BestCheckpoint`), whenever the validation key metric improves; its score is
-  part of ``latest.pt``, so a resumed run keeps the best model instead of overwriting it with the
-  first validation after the restart.
+* ``model.pt`` (:class:`BestCheckpoint`), whenever the validation key metric improves: the network's
+  bare state dict, as MONAI's ``CheckpointSaver`` writes a single object, so the model zoo's
+  ``python -m monai.bundle ckpt_export network_def --ckpt_file models/model.pt ...`` loads it as is.
+  Its score is part of ``latest.pt``, so a resumed run keeps the best model instead of overwriting it
+  with the first validation after the restart. (bundles before 0.5.0 wrote ``{"model": state_dict}``;
+  :func:`model_weights` reads both.)
 
 Both hold only state dicts, tensors and plain numbers, and are read with ``torch.load(...,
 weights_only=True)``: a checkpoint handed to you cannot run code. Under ``torch.distributed`` every
@@ -39,14 +42,10 @@ from ..errors import CheckpointMismatchError, CheckpointReadError, InvalidInputE
 from ..prep.io import exclusive_folder
 
 __all__ = [
-    "LatestCheckpoint",
-    "BestCheckpoint",
-    "LoadWeights",
-    "RandomStates",
-    "check_checkpoint_file",
+    "LatestCheckpoint", "BestCheckpoint", "LoadWeights", "RandomStates", "check_checkpoint_file",
     "load_weights",
-    "unwrap",
-]
+    "model_weights", "unwrap",
+]  # fmt: skip
 
 #: what torch's ``weights_only`` unpickler raises on bytes that are no pickle at all (a text file
 #: gave ``KeyError: 101``, the memo lookup of the byte ``e``), besides ``UnpicklingError``
@@ -106,6 +105,19 @@ def check_checkpoint_file(path: str | os.PathLike) -> Path:
     return path
 
 
+def model_weights(state, key: str = "model"):
+    """The network's state dict in a checkpoint's contents (:func:`load_weights`).
+
+    ``model.pt`` is the bare state dict (bundles >= 0.5.0, MONAI's ``CheckpointSaver`` for one
+    object); a checkpoint of bundles < 0.5.0 (``{"model": state_dict}``) or a training's
+    ``latest.pt`` holds it under ``key``. A state dict's values are tensors, so an entry ``key``
+    holding a mapping can only be the nested form.
+    """
+    if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
+        return state[key]
+    return state
+
+
 def _load_into(module, state, path) -> None:
     """``module.load_state_dict(state)``, a mismatch named with the file it came from."""
     try:
@@ -128,7 +140,8 @@ class LoadWeights:
     Args:
         load_path: the checkpoint (``models/model.pt``).
         network: the network to load into (a DDP wrapper is unwrapped).
-        key: the entry of a ``{"model": state_dict}`` checkpoint; a bare state dict is used as it is.
+        key: the entry of a nested checkpoint (``latest.pt``, or ``model.pt`` of bundles < 0.5.0:
+            ``{"model": state_dict}``); a bare state dict (``model.pt``) is used as it is.
     """
 
     def __init__(self, load_path: str, network, key: str = "model") -> None:
@@ -140,9 +153,7 @@ class LoadWeights:
         engine.add_event_handler(Events.STARTED, self._load)
 
     def _load(self, engine: Engine) -> None:
-        state = load_weights(self.load_path)
-        if isinstance(state, Mapping) and self.key in state and isinstance(state[self.key], Mapping):
-            state = state[self.key]
+        state = model_weights(load_weights(self.load_path), self.key)
         _load_into(self.network, state, self.load_path)
         logger.info("loaded %s", self.load_path)
 
@@ -250,8 +261,9 @@ class BestCheckpoint:
     ``StatsHandler`` reports) is restored with it.
 
     Args:
-        save_path: the best model's file (``models/model.pt``), written as ``{"model": state_dict}``
-            like MONAI's ``CheckpointSaver`` (``CheckpointLoader`` reads it).
+        save_path: the best model's file (``models/model.pt``), written as the network's bare state
+            dict, like MONAI's ``CheckpointSaver`` with one object (``CheckpointLoader`` and
+            ``monai.bundle ckpt_export`` read it without a key).
         network: the network (a DDP wrapper is unwrapped).
         metric_name: the metric to compare; default the evaluator's key metric.
         mode: ``"max"`` (higher is better) or ``"min"``.
@@ -286,7 +298,7 @@ class BestCheckpoint:
             return
         self.best, self.best_epoch = value, int(engine.state.epoch)
         if idist.get_rank() == 0:
-            _atomic_save({"model": unwrap(self.network).state_dict()}, self.save_path)
+            _atomic_save(unwrap(self.network).state_dict(), self.save_path)
             logger.info(
                 "new best %s %.4f at epoch %d: saved %s", name, value, self.best_epoch, self.save_path
             )

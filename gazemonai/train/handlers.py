@@ -1,4 +1,4 @@
-"""Ignite handlers and metrics for multi-level training: per-level Dice, reports, loss terms.
+"""Ignite handlers and metrics for multi-level training: per-level Dice, reports, loss terms, progress.
 
 The evaluators run :class:`~gazemonai.train.networks.MultiLevelNet` with ``output="stack"``, so each
 prediction has channel 0 = the ensemble (mean of the levels' logits) and channel ``k`` = level ``k``.
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import sys
 from pathlib import Path
 
 import ignite.distributed as idist
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from ignite.metrics import Metric
+from monai.engines import Evaluator
 from monai.engines.utils import IterationEvents
 from monai.handlers import from_engine
 
@@ -31,6 +34,7 @@ __all__ = [
     "LossTerms",
     "IterationLimit",
     "init_tracking_store",
+    "Progress",
 ]
 
 logger = logging.getLogger(__name__)
@@ -319,3 +323,45 @@ def init_tracking_store(tracking_uri: str) -> str:
     if distributed:
         dist.barrier()
     return tracking_uri
+
+
+class Progress:
+    """Ignite's ``ProgressBar`` on a terminal; plain periodic log lines in a log file or a pipe.
+
+    A progress bar redraws its line with carriage returns: written to a file, every redraw is a frame
+    and log records written meanwhile are glued onto the bar's line. So the bar is drawn only when its
+    stream is a terminal; otherwise about ``lines`` records per epoch are logged, each on a line of
+    its own: ``<desc> epoch E/N: iteration I/L``.
+
+    Args:
+        desc: what runs (the bar's description, the records' first word).
+        persist: keep the bar on screen after each epoch (terminal only).
+        lines: records per epoch when the stream is not a terminal (0: none).
+        stream: where the bar would go; default ``sys.stderr`` (tqdm's), read when attached.
+    """
+
+    def __init__(self, desc: str = "train", persist: bool = False, lines: int = 4, stream=None) -> None:
+        self.desc = desc
+        self.persist = persist
+        self.lines = int(lines)
+        self.stream = stream
+
+    def attach(self, engine: Engine) -> None:
+        stream = self.stream if self.stream is not None else sys.stderr
+        if stream is not None and hasattr(stream, "isatty") and stream.isatty():
+            from ignite.handlers import ProgressBar
+
+            ProgressBar(persist=self.persist, desc=self.desc, file=stream).attach(engine)
+        elif self.lines > 0:
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self._log)
+
+    def _log(self, engine: Engine) -> None:
+        length = engine.state.epoch_length
+        if not length:
+            return
+        done = (engine.state.iteration - 1) % length + 1
+        if done % math.ceil(length / self.lines) and done != length:
+            return
+        state = engine.state
+        of = "" if isinstance(engine, Evaluator) else f"/{state.max_epochs}"  # an evaluator's: the trainer's
+        logger.info("%s epoch %d%s: iteration %d/%d", self.desc, state.epoch, of, done, length)

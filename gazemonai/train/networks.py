@@ -40,6 +40,8 @@ __all__ = [
 PAPER_FEATURES = (64, 128, 256, 512, 1024, 128)
 #: Slim widths for training on a CPU.
 CPU_FEATURES = (16, 32, 64, 128, 256, 32)
+#: BasicUNet's four poolings: :class:`MultiLevelNet` pads its input's sides to a multiple of this
+MULTIPLE = 16
 
 
 def _displacements(kernel_size: int, dilation: int, ndim: int) -> list[tuple[int, ...]]:
@@ -439,6 +441,12 @@ class PromptedFeatureUNet(FeatureUNet):
 class MultiLevelNet(nn.Module):
     """N level networks trained together on N pseudo-mask levels; the prediction is their mean logit.
 
+    Any spatial size: the input is padded (replicating its border) to a multiple of 16 and every
+    output cropped back, so the eager network, ``torch.jit.script(network)`` (what the model zoo's
+    ``ckpt_export`` makes of ``network_def``) and its ONNX export compute the same thing. Scripted, it
+    is an inference network: ``forward(x)`` with the configured ``output``, ``"ensemble"`` or
+    ``"stack"``.
+
     Args:
         num_levels: number of levels (networks); 1 gives a plain network (full supervision).
         init: ``"independent"`` (each level initialised on its own, as the paper describes) or
@@ -532,6 +540,7 @@ class MultiLevelNet(nn.Module):
         self.dilation = dilation
         self.output = output
         self.return_features = bool(return_features)
+        self.multiple = MULTIPLE
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -551,10 +560,33 @@ class MultiLevelNet(nn.Module):
                 return (x, self.prompt.pyramid(x))
         return (x, self.prompt.pyramid(x))
 
+    def _padded(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` padded (replicating its border) at the end of each spatial axis to a multiple of 16.
+
+        BasicUNet halves the image four times; for other sides its decoder pads the upsampled maps
+        to fit the skips, a shape-dependent branch that a traced or exported graph freezes at one
+        size. Padding the input once here gives the eager, TorchScript and ONNX forms one behaviour
+        at every size (at multiples of 16 nothing changes).
+        """
+        pads: list[int] = []
+        for d in range(x.dim() - 1, 1, -1):  # F.pad's order: the last axis first
+            pads += [0, (self.multiple - x.shape[d] % self.multiple) % self.multiple]
+        # no shortcut for a zero padding: a branch on the size would fix an exported graph's size
+        return nn.functional.pad(x, pads, mode="replicate")
+
+    @staticmethod
+    def _cropped(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``y`` cut back to the spatial size of the unpadded input ``x``."""
+        for d in range(2, x.dim()):
+            y = y.narrow(d, 0, x.shape[d])
+        return y
+
     def forward_level(self, x: torch.Tensor, level: int, propagate: bool | None = None):
         """Level ``level``'s ``(logits, propagated logits or None)`` (one network of the N)."""
-        return self._train_level(x, level, propagate)[:2]
+        logits, prop, _ = self._train_level(self._padded(x), level, propagate)
+        return self._cropped(logits, x), None if prop is None else self._cropped(prop, x)
 
+    @torch.jit.unused
     def _train_level(
         self, x: torch.Tensor, level: int, propagate: bool | None = None, inputs: tuple | None = None
     ):
@@ -572,22 +604,51 @@ class MultiLevelNet(nn.Module):
         bias = net.classifier.bias
         return logits, prop if bias is None else prop + bias.view((1, -1) + (1,) * (feat.dim() - 2)), feat
 
+    def _predict(self, x: torch.Tensor, stack: bool) -> torch.Tensor:
+        """The mean of the level logits (``stack``: then each level's), at the input's size."""
+        padded = self._padded(x)
+        level_logits: list[torch.Tensor] = []
+        if self.prompt is None:
+            for level in self.levels:
+                level_logits.append(level(padded))
+        else:
+            if self.freeze_prompt:
+                with torch.no_grad():
+                    pyramid = self.prompt.pyramid(padded)
+            else:
+                pyramid = self.prompt.pyramid(padded)
+            for level in self.levels:
+                level_logits.append(level(padded, pyramid))
+        mean = torch.stack(level_logits).mean(0)
+        out = torch.cat([mean] + level_logits, dim=1) if stack else mean
+        return self._cropped(out, x)
+
     def forward(self, x: torch.Tensor, output: str | None = None):
+        if torch.jit.is_scripting():  # TorchScript (model.ts): inference, the configured output
+            return self._predict(x, self.output == "stack")
+        return self._forward(x, output)
+
+    @torch.jit.unused
+    def _forward(self, x: torch.Tensor, output: str | None = None):
         output = output or self.output
         if output not in self.OUTPUTS:
             raise InvalidInputError(f"output must be one of {self.OUTPUTS}, got {output!r}")
-        inputs = self.level_inputs(x)
         if output != "train":
-            level_logits = [level(*inputs) for level in self.levels]
-            mean = torch.stack(level_logits).mean(0)
-            return mean if output == "ensemble" else torch.cat([mean, *level_logits], dim=1)
+            return self._predict(x, output == "stack")
+        return self._train_output(x)
+
+    @torch.jit.unused
+    def _train_output(self, x: torch.Tensor) -> dict:
+        """``output="train"``: the mean and level logits, the propagated logits (and features)."""
+        padded = self._padded(x)
+        inputs = self.level_inputs(padded)
         level_logits, prop_logits, features = [], [], []
         for i in range(self.num_levels):
-            logits, prop, feat = self._train_level(x, i, inputs=inputs)
-            level_logits.append(logits)
-            features.append(feat)
+            logits, prop, feat = self._train_level(padded, i, inputs=inputs)
+            level_logits.append(self._cropped(logits, x))
+            features.append(self._cropped(feat, x))
             if prop is not None:
-                prop_logits.append(prop)
+                prop_logits.append(self._cropped(prop, x))
         return {
             "logits": torch.stack(level_logits).mean(0),
             "level_logits": level_logits,

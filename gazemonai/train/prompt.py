@@ -46,7 +46,7 @@ from collections.abc import Mapping
 from ignite.engine import Engine, Events
 
 from ..errors import GazemonaiError, InvalidInputError, MissingInputError
-from .checkpoints import load_weights, unwrap
+from .checkpoints import load_weights, model_weights, unwrap
 from .networks import MultiLevelNet
 
 __all__ = ["load_prompt_weights", "PromptWeights"]
@@ -80,9 +80,7 @@ def load_prompt_weights(network: MultiLevelNet, path: str | os.PathLike) -> None
             f"{type(network).__name__} without one (is configs/prompt_stage2.json in the config list?)"
         )
     _require(path)
-    state = load_weights(path)
-    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
-        state = state["model"]  # BestCheckpoint's {"model": state_dict}
+    state = model_weights(load_weights(path))  # bare (BestCheckpoint) or {"model": ...} (bundles < 0.5.0)
     if not isinstance(state, Mapping):
         raise InvalidInputError(f"{os.fspath(path)} holds no state dict (a {type(state).__name__})")
     expected = network.prompt.state_dict()

@@ -5,6 +5,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from helpers import ROOT
@@ -34,7 +35,7 @@ def test_metadata_is_valid_against_shipped_schema(name):
 
 #: metadata.json keys the MONAI bundle specification (docs/source/mb_specification.rst) makes mandatory
 SPEC_KEYS = {
-    "version", "monai_version", "pytorch_version", "numpy_version", "optional_packages_version", "task",
+    "version", "monai_version", "pytorch_version", "numpy_version", "required_packages_version", "task",
     "description", "authors", "copyright", "network_data_format",
 }  # fmt: skip
 TENSOR_KEYS = {
@@ -61,6 +62,32 @@ def test_metadata_has_what_the_current_bundle_spec_asks(name):
     readme = (ROOT / "bundles" / name / "docs" / "README.md").read_text()
     figures = [f"{v:.3f}".rstrip("0") for v in meta["eval_metrics"].values()]
     assert figures and all(f in readme for f in figures), figures
+
+
+#: the packages the configs import (their ``_target_``s and ``$import``s), as pip names them
+CONFIG_PACKAGES = {
+    "gazemonai", "pytorch-ignite", "mlflow", "pydensecrf2", "pillow", "itk", "nibabel", "onnxruntime",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["kvasir_gaze", "prostate_gaze"])
+def test_monai_reads_the_requirements_the_configs_need(name):
+    """What MONAI's ConfigParser.read_meta (and the executed config MLflow keeps) sees as requirements."""
+    from monai.bundle import ConfigParser
+
+    import gazemonai
+
+    parser = ConfigParser()
+    parser.read_meta(str(ROOT / "bundles" / name / "configs" / "metadata.json"))
+    meta = parser.get("_meta_")
+    assert "optional_packages_version" not in meta  # deprecated: read_meta would replace the list with it
+    required = meta["required_packages_version"]
+    assert set(required) == CONFIG_PACKAGES
+    assert required["gazemonai"] == gazemonai.__version__
+    assert all(re.fullmatch(r"\d+(\.\d+)+", v) for v in required.values()), required
+    configs = " ".join(p.read_text() for p in (ROOT / "bundles" / name / "configs").glob("*.json"))
+    for module in ("gazemonai", "ignite", "OnnxNetwork"):  # imported by the configs, listed above
+        assert module in configs
 
 
 def _strings(node):
@@ -117,3 +144,41 @@ def test_every_name_a_config_refers_to_exists(config):
         "inference_torchscript.json",
         "gpu.json",
     )
+
+
+#: a Python in which gazemonai cannot be imported, as on a machine with MONAI and not the package: the
+#: venv's site-packages without its .pth files (-S), so the editable install's finder is not there
+SITE = "import runpy, sys; sys.path.append(sys.argv.pop(1))\n"
+MONAI_BUNDLE = SITE + "sys.argv[0] = 'monai.bundle'; runpy.run_module('monai.bundle', run_name='__main__')"
+
+
+@pytest.mark.parametrize(
+    "name, configs",
+    [
+        ("kvasir_gaze", ["train.json"]),
+        ("kvasir_gaze", ["train.json", "evaluate.json"]),
+        ("prostate_gaze", ["inference.json"]),
+    ],
+)
+def test_a_bundle_folder_without_the_package_says_what_to_install(name, configs, tmp_path):
+    import shutil
+
+    folder = tmp_path / name
+    shutil.copytree(ROOT / "bundles" / name, folder)
+    files = ",".join(f"'configs/{c}'" for c in configs)
+    import monai
+
+    site = str(Path(monai.__file__).parents[1])
+    python = [sys.executable, "-I", "-S", "-c"]
+    check = subprocess.run([*python, SITE + "import monai, gazemonai", site], capture_output=True, text=True)
+    assert "No module named 'gazemonai'" in check.stderr, check.stderr[-2000:]  # MONAI is there, we are not
+    proc = subprocess.run(
+        [*python, MONAI_BUNDLE, site, "run", "--config_file", f"[{files}]"],
+        cwd=folder, capture_output=True, text=True,
+    )  # fmt: skip
+    version = json.loads((folder / "configs" / "metadata.json").read_text())["required_packages_version"]
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"{name} needs the Python package gazemonai {version['gazemonai']}"), last
+    assert f"pip install gazemonai=={version['gazemonai']}" in last
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]

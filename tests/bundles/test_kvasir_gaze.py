@@ -257,3 +257,25 @@ def test_multi_gpu_evaluate_gathers_every_rank_in_dataset_order(synthetic_root, 
     runs = [r for r in mlflow_runs(multi / "outputs" / "mlruns.db") if "eval_mean_dice" in r.data.metrics]
     assert len(runs) == 1  # rank 0 logs
     assert runs[0].data.metrics["eval_mean_dice"] == pytest.approx(one["mean"]["ensemble"]["dice"], abs=1e-5)
+
+
+def test_a_log_file_holds_plain_lines_and_no_progress_bar_frames(synthetic_root, tmp_path):
+    """``monai.bundle run ... > log 2>&1``: no carriage-return frames, every record on its own line."""
+    import re
+    import sys
+
+    out, log = tmp_path / "bundle", tmp_path / "train.log"
+    common = ["--bundle_root", out, "--dataset_dir", synthetic_root, "--gaze_csv",
+              synthetic_root / "gaze.csv", "--val_fraction", "0.34", *SMALL]  # fmt: skip
+    for configs, extra in ((TRAIN, ["--epochs", 2]), (EVALUATE, ["--eval_split", "val"])):
+        command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs, *common, *extra]
+        with log.open("a") as f:
+            p = subprocess.run(list(map(str, command)), stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+        assert p.returncode == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "\r" not in text
+    records = [line for line in text.splitlines() if " - INFO - " in line]
+    assert records and all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", line) for line in records), records
+    progress = [line.split(" - INFO - ")[1] for line in records if " - gazemonai.train.handlers - " in line]
+    assert any(re.fullmatch(r"train epoch 2/2: iteration (\d+)/\1", p) for p in progress), progress
+    assert any(re.fullmatch(r"evaluate val epoch \d+: iteration (\d+)/\1", p) for p in progress), progress

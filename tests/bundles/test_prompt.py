@@ -32,7 +32,7 @@ def test_two_stages_train_and_evaluate(name, synthetic_root, tmp_path):
     classes = "['no_polyp','polyp']"  # the derived crops' classes (prostate_gaze defaults to gland slices)
     bundle("--config_file", configs(name, "train.json", "prompt_stage1.json"), *common, "--epochs", 2,
            "--image_labels", labels / "labels.csv", "--image_label_classes", classes)  # fmt: skip
-    stage1 = torch.load(out / "models" / "prompt_stage1" / "model.pt", weights_only=True)["model"]
+    stage1 = torch.load(out / "models" / "prompt_stage1" / "model.pt", weights_only=True)
     (run,) = mlflow_runs(out / "outputs" / "mlruns.db", name)
     assert {"val_auc", "val_accuracy", "train_loss"} <= set(run.data.metrics)
     assert run.data.params["stage"] == "prompt_stage1" and run.info.run_name == f"prompt_stage1_{name}"
@@ -42,7 +42,7 @@ def test_two_stages_train_and_evaluate(name, synthetic_root, tmp_path):
     seg = [*common, "--dataset_dir", data, "--gaze_csv", data / "gaze.csv"]
     stage2 = configs(name, "train.json", "prompt_stage2.json")
     bundle("--config_file", stage2, *seg, "--epochs", 1)  # default: models/prompt_stage1/model.pt
-    model = torch.load(out / "models" / "model.pt", weights_only=True)["model"]
+    model = torch.load(out / "models" / "model.pt", weights_only=True)  # bare state dict
     for key, value in stage1.items():  # the frozen stage-1 network is inside the stage-2 model as trained
         assert torch.equal(model[f"prompt.{key}"], value), key
     assert any(k.startswith("levels.1.short_skips") for k in model)  # two gaze levels, both prompted

@@ -10,6 +10,8 @@ import pytest
 import torch
 from helpers import ROOT, bundle, mlflow_runs, torchrun
 
+from gazemonai.train.checkpoints import model_weights
+
 CONFIGS = ROOT / "bundles" / "kvasir_gaze" / "configs"
 TRAIN = str(CONFIGS / "train.json")
 SMALL = ["--image_size", "[32,32]", "--batch_size", "1", "--cache_workers", "1", "--val_fraction", "0.34"]
@@ -37,7 +39,7 @@ def _histories(root):
 
 
 def _weights(path):
-    return torch.load(path, weights_only=True)["model"]
+    return model_weights(torch.load(path, weights_only=True))  # model.pt: bare; latest.pt: {"model": ...}
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -1,38 +1,71 @@
 """TorchScript and ONNX export of the bundles' networks: any size, the eager network's outputs."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
-import pytest
 import torch
 from helpers import ROOT, TRAINED, bundle, cli
 from PIL import Image
 
-from gazemonai.serve.export import ExportableMultiLevelNet
 from gazemonai.train.networks import MultiLevelNet
 
 KVASIR = ROOT / "bundles" / "kvasir_gaze"
 PROSTATE = ROOT / "bundles" / "prostate_gaze"
 
 
-def test_the_exportable_network_is_the_trained_one_for_any_size():
+def test_the_network_pads_inside_so_eager_and_scripted_agree_at_any_size():
+    """One network, one behaviour: 50x70 (not a multiple of 16) is padded the same way eager and scripted."""
     torch.manual_seed(0)
-    net = MultiLevelNet(num_levels=2, features=[8, 8, 16, 16, 32, 8], in_channels=3).eval()
-    exportable = ExportableMultiLevelNet(num_levels=2, features=[8, 8, 16, 16, 32, 8], in_channels=3)
-    exportable.load_state_dict(net.state_dict())  # strict: the same parameter names
-    x = torch.rand(2, 3, 64, 48)
-    with torch.no_grad():
-        assert torch.equal(exportable.eval()(x), net(x))  # multiples of 16: the same computation
-        odd = torch.rand(1, 3, 50, 70)
-        padded = torch.nn.functional.pad(odd, (0, 10, 0, 14), mode="replicate")
-        assert torch.equal(exportable(odd), net(padded)[..., :50, :70])  # pad inside, crop back
-        scripted = torch.jit.script(exportable)
-        for shape in [(1, 3, 50, 70), (3, 3, 17, 33), (1, 3, 64, 64)]:
-            x = torch.rand(shape)
-            assert torch.equal(scripted(x), exportable(x))
-    with pytest.raises(ValueError, match="2-D"):
-        ExportableMultiLevelNet(spatial_dims=3)
+    for prompt in (None, [8, 8, 16, 16, 32]):
+        net = MultiLevelNet(num_levels=2, features=[8, 8, 16, 16, 32, 8], prompt_features=prompt).eval()
+        scripted = torch.jit.script(net)  # what the model zoo's ckpt_export does to network_def
+        with torch.no_grad():
+            odd = torch.rand(1, 3, 50, 70)
+            padded = torch.nn.functional.pad(odd, (0, 10, 0, 14), mode="replicate")
+            assert torch.equal(net(odd), net(padded)[..., :50, :70])  # pad inside, crop back
+            for shape in [(1, 3, 50, 70), (3, 3, 17, 33), (1, 3, 64, 64)]:
+                x = torch.rand(shape)
+                assert torch.equal(scripted(x), net(x)), shape
+            stack = net(odd, output="stack")
+            assert stack.shape == (1, 3, 50, 70) and torch.equal(stack[:, :1], net(odd))
+            train = net.train()(odd, output="train")
+            assert all(t.shape == (1, 1, 50, 70) for t in [train["logits"], *train["prop_logits"]])
+
+
+def test_the_model_zoo_ckpt_export_command_works_on_a_training_model_pt(tmp_path):
+    """The zoo's command, as its users type it, on model.pt as BestCheckpoint writes it."""
+    from ignite.engine import Engine
+    from monai.bundle import ConfigParser
+    from monai.data import load_net_with_metadata
+
+    from gazemonai.train.checkpoints import BestCheckpoint
+
+    folder = tmp_path / "kvasir_gaze"
+    shutil.copytree(KVASIR / "configs", folder / "configs")
+    parser = ConfigParser()
+    parser.read_config(str(folder / "configs" / "inference.json"))
+    torch.manual_seed(2)
+    net = parser.get_parsed_content("network_def").eval()
+    evaluator = Engine(lambda e, b: None)
+    evaluator.state.metrics, evaluator.state.key_metric_name = {"val_mean_dice": 0.5}, "val_mean_dice"
+    BestCheckpoint(str(folder / "models" / "model.pt"), net)._check(evaluator)  # as a training saves it
+    p = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", "models/model.ts",
+         "--ckpt_file", "models/model.pt", "--meta_file", "configs/metadata.json",
+         "--config_file", "configs/inference.json"],
+        cwd=folder, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    ts, meta, _ = load_net_with_metadata(str(folder / "models" / "model.ts"))
+    assert meta["version"] == json.loads((KVASIR / "configs" / "metadata.json").read_text())["version"]
+    for shape in [(1, 3, 64, 64), (1, 3, 50, 70)]:
+        x = torch.rand(shape)
+        with torch.no_grad():
+            assert torch.allclose(ts(x), net(x), atol=1e-5), shape
 
 
 def test_export_writes_torchscript_and_onnx_that_match_the_network(trained_kvasir, tmp_path):
@@ -44,6 +77,7 @@ def test_export_writes_torchscript_and_onnx_that_match_the_network(trained_kvasi
     ckpt = trained_kvasir / "models" / "model.pt"
     p = cli("export", "--bundle-dir", KVASIR, "--checkpoint", ckpt, "--out", out)
     assert p.returncode == 0, p.stderr[-3000:]
+    assert "Replaced initializer" not in p.stdout + p.stderr  # onnx_ir's ~130 INFO lines are not the user's
     results = json.loads(p.stdout.strip().splitlines()[-1])
     for fmt, name in (("torchscript", "model.ts"), ("onnx", "model.onnx")):
         assert results[fmt]["path"] == str(out / name)

@@ -291,3 +291,13 @@ def test_pip_requirements_do_not_pin_this_machines_torch_build():
     assert len(torch_reqs) == 1 and "==" not in torch_reqs[0] and "+" not in torch_reqs[0], torch_reqs
     assert not any("+cpu" in r for r in reqs)
     assert any(r.startswith("monai==") for r in reqs)  # the rest stays pinned to what trained the model
+
+
+def test_the_pyfunc_model_raises_no_type_hint_warning():
+    """MLflow checks ``predict``'s hints when the class is defined: on every register, load and report."""
+    p = subprocess.run(
+        [sys.executable, "-W", "always", "-c", "import gazemonai.serve.registry"],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "type hint" not in p.stderr.lower(), p.stderr[-2000:]

@@ -5,7 +5,13 @@ import torch
 from ignite.engine import Engine, Events
 
 from gazemonai.errors import CheckpointReadError
-from gazemonai.train.checkpoints import BestCheckpoint, LatestCheckpoint, RandomStates, load_weights
+from gazemonai.train.checkpoints import (
+    BestCheckpoint,
+    LatestCheckpoint,
+    LoadWeights,
+    RandomStates,
+    load_weights,
+)
 
 
 def test_latest_checkpoint_round_trip(tmp_path):
@@ -88,12 +94,14 @@ def _run(tmp_path, net, scores, epochs, extra=None):
 def test_the_best_model_survives_a_resume(tmp_path):
     net = torch.nn.Linear(1, 1, bias=False)
     _run(tmp_path, net, [0.5, 0.8], epochs=2)  # best at epoch 2: weight 2
-    assert torch.load(tmp_path / "model.pt", weights_only=True)["model"]["weight"].item() == 2.0
+    # model.pt is the bare state dict, as MONAI's CheckpointSaver writes one object (the zoo's ckpt_export)
+    assert list(torch.load(tmp_path / "model.pt", weights_only=True)) == ["weight"]
+    assert torch.load(tmp_path / "model.pt", weights_only=True)["weight"].item() == 2.0
     # a longer run: the first validation after the resume (0.6) is worse than the best before it
     _run(tmp_path, net, [0.6, 0.9], epochs=4)
-    assert torch.load(tmp_path / "model.pt", weights_only=True)["model"]["weight"].item() == 4.0  # epoch 4's
+    assert torch.load(tmp_path / "model.pt", weights_only=True)["weight"].item() == 4.0  # epoch 4's
     evaluator = _run(tmp_path, net, [0.7], epochs=5)
-    assert torch.load(tmp_path / "model.pt", weights_only=True)["model"]["weight"].item() == 4.0  # kept
+    assert torch.load(tmp_path / "model.pt", weights_only=True)["weight"].item() == 4.0  # kept
     assert torch.load(tmp_path / "latest.pt", weights_only=True)["best"] == {"best": 0.9, "best_epoch": 4}
     # what MONAI's evaluator reports as the best so far is restored with it
     assert (evaluator.state.best_metric, evaluator.state.best_metric_epoch) == (0.9, 4)
@@ -181,3 +189,16 @@ def test_latest_checkpoint_every_n_iterations_saves_at_epoch_ends(tmp_path):
     assert saved_at == [6, 12, 14]  # 6 - 0 >= 5, 12 - 6 >= 5, then the last epoch
     with pytest.raises(ValueError, match="interval must be an integer >= 1"):
         LatestCheckpoint(str(tmp_path / "latest.pt"), {"model": net}, interval=0)
+
+
+def test_load_weights_reads_a_bare_model_pt_and_the_nested_form_of_gazemonai_0_4(tmp_path):
+    source = torch.nn.Linear(2, 1)
+    torch.nn.init.constant_(source.weight, 3.0)
+    torch.save(source.state_dict(), tmp_path / "bare.pt")  # what BestCheckpoint writes now
+    torch.save({"model": source.state_dict()}, tmp_path / "nested.pt")  # bundles <= 0.4.1's model.pt
+    for name in ("bare.pt", "nested.pt"):
+        net = torch.nn.Linear(2, 1)
+        engine = Engine(lambda e, b: None)
+        LoadWeights(str(tmp_path / name), net).attach(engine)
+        engine.run([0], max_epochs=1)
+        assert torch.equal(net.weight, source.weight) and torch.equal(net.bias, source.bias), name

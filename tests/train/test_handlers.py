@@ -8,6 +8,7 @@ from gazemonai.metrics import dice_iou
 from gazemonai.train.handlers import (
     ChannelDice,
     LossTerms,
+    Progress,
     SegmentationReport,
     level_metrics,
 )
@@ -159,3 +160,36 @@ def test_iteration_limit_cuts_the_last_epoch_and_still_completes_it():
     assert engine.run([0, 1, 2, 3], max_epochs=2).iteration == 8
     with pytest.raises(ValueError, match="iterations must be an integer >= 1"):
         IterationLimit(0)
+
+
+def _engine(n_iter: int, epochs: int):
+    engine = Engine(lambda e, b: None)
+    return engine, lambda: engine.run(range(n_iter), max_epochs=epochs)
+
+
+def test_progress_logs_plain_lines_off_a_terminal(tmp_path, caplog):
+    engine, run = _engine(10, 2)
+    with (tmp_path / "stderr").open("w") as stream:
+        Progress("train", lines=4, stream=stream).attach(engine)
+        with caplog.at_level("INFO", logger="gazemonai.train.handlers"):
+            run()
+    assert (tmp_path / "stderr").read_text() == ""  # no bar drawn into a file
+    lines = [r.getMessage() for r in caplog.records if r.name == "gazemonai.train.handlers"]
+    assert lines == [f"train epoch {e}/2: iteration {i}/10" for e in (1, 2) for i in (3, 6, 9, 10)]
+
+
+def test_progress_draws_ignite_s_bar_on_a_terminal(caplog):
+    import os
+    import pty
+
+    main, secondary = pty.openpty()
+    engine, run = _engine(5, 1)
+    with os.fdopen(secondary, "w") as stream:
+        assert stream.isatty()
+        Progress("train", stream=stream).attach(engine)
+        with caplog.at_level("INFO", logger="gazemonai.train.handlers"):
+            run()
+    drawn = os.read(main, 65536).decode()
+    os.close(main)
+    assert "train: [4/5]" in drawn and "\r" in drawn  # tqdm's frames, on the terminal
+    assert not [r for r in caplog.records if r.name == "gazemonai.train.handlers"]

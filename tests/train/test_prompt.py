@@ -106,11 +106,13 @@ def test_level_refuses_a_pyramid_of_another_image():
 
 def test_stage_one_checkpoint_loads_into_stage_two(tmp_path):
     stage1 = PyramidClassifier(in_channels=3, features=FEATURES)
-    torch.save({"model": stage1.state_dict()}, tmp_path / "model.pt")  # as BestCheckpoint writes it
-    net = prompted()
-    load_prompt_weights(net, tmp_path / "model.pt")
-    for key, value in stage1.state_dict().items():
-        torch.testing.assert_close(net.prompt.state_dict()[key], value)
+    torch.save(stage1.state_dict(), tmp_path / "model.pt")  # as BestCheckpoint writes it
+    torch.save({"model": stage1.state_dict()}, tmp_path / "old.pt")  # as bundles <= 0.4.1 wrote it
+    for name in ("model.pt", "old.pt"):
+        net = prompted()
+        load_prompt_weights(net, tmp_path / name)
+        for key, value in stage1.state_dict().items():
+            torch.testing.assert_close(net.prompt.state_dict()[key], value)
 
 
 @pytest.mark.parametrize(
