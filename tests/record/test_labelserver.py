@@ -133,6 +133,11 @@ def test_images_come_in_the_strategy_order_and_the_gaze_lands_in_the_datastore(l
         objects = page.ls.datastore()
         assert objects["img_0"]["labels"]["gaze"]["info"]["annotators"] == ["pg"]
         assert page.post("/api/next", {})["image"] == "img_3.png"
+        from gazemonai.record.labelserver import LabelServer
+
+        listing = LabelServer(url, "listing", tmp_path / "listing")  # the datastore's own order
+        assert listing.next_image("pg", set())["id"] == "img_3"  # img_0..2 have gaze
+        assert listing.next_image("pg", {"img_3"})["id"] == "img_4"
     finally:
         summary = page.close()
     assert summary["uploaded"] == 2 and summary["upload_pending"] == {}
@@ -141,7 +146,7 @@ def test_images_come_in_the_strategy_order_and_the_gaze_lands_in_the_datastore(l
 def test_a_refused_or_unreachable_upload_keeps_the_local_rows_and_is_retried(label_server, tmp_path):
     url = label_server.url
     out = tmp_path / "gaze.csv"
-    page = Page(url, out, strategy="listing", annotator="pr")
+    page = Page(url, out, strategy="first", annotator="pr")
     try:
         # the page reports a size other than the image's: the server's 422 names it, nothing stored there
         nxt = page.post("/api/next", {})
@@ -159,7 +164,8 @@ def test_a_refused_or_unreachable_upload_keeps_the_local_rows_and_is_retried(lab
 
         # the server unreachable while the next image is saved: kept, then uploaded by the retry
         nxt2 = page.post("/api/next", {})
-        assert nxt2["image"] != name
+        # `first` names the refused image again (no gaze there): the page goes on with the listing's next
+        assert nxt2["image"] != name and "already shown here" in nxt2["reason"], nxt2
         page.ls.url = f"http://127.0.0.1:{free_port()}"
         res2 = page.look(nxt2["index"], [(20.5, 20.5)])
         assert res2["rows"] == 1 and "not reachable" in res2["server"]["error"]
@@ -195,3 +201,51 @@ def test_a_bad_server_is_a_one_line_error_before_the_session(label_server, tmp_p
     res = cli("annotate", "--server", label_server.url, "--out", out, "--images", tmp_path)
     assert res.returncode == 2 and "--images goes without --server" in res.stderr, res.stderr
     assert not out.exists()
+
+
+def test_the_page_in_a_browser_shows_the_server_and_saves_there(label_server, tmp_path):
+    import os
+    import shutil
+    from pathlib import Path
+
+    chromium = os.environ.get("GAZEMONAI_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed (pip install -e '.[dev]')")
+    if not Path(chromium).is_file():
+        pytest.skip(f"no chromium at {chromium} (`make test` installs it with apt as root)")
+    out = tmp_path / "gaze.csv"
+    page_server = Page(label_server.url, out, strategy="first", annotator="br")
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+            page = browser.new_context(viewport={"width": 800, "height": 600}).new_page()
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(page_server.base + "/")
+            page.wait_for_function("window.gazemonai && window.gazemonai.phase === 'start'", timeout=20000)
+            text = page.inner_text("#text")
+            assert label_server.url in text and "first" in text, text
+            page.keyboard.press("s")  # no calibration: the first image, asked from the server
+            page.wait_for_function("window.gazemonai.phase === 'image'", timeout=20000)
+            name = page.evaluate("window.gazemonai.images[0]")
+            progress = page.inner_text("#progress")
+            assert name in progress and "first" in progress and label_server.url in progress, progress
+            g = page.evaluate("window.gazemonai.geometry")
+            for u, v in ((20.5, 15.5), (40.5, 25.5)):
+                page.mouse.move(g["left"] + u * g["scale"], g["top"] + v * g["scale"])
+                page.wait_for_timeout(450)
+            page.keyboard.press("Space")
+            page.wait_for_function("window.gazemonai.phase === 'result'", timeout=20000)
+            assert "Saved to the MONAI Label server" in page.inner_text("#text"), page.inner_text("#text")
+            page.keyboard.press("Space")  # the next image, asked from the server again
+            page.wait_for_function("window.gazemonai.phase === 'image' && window.gazemonai.index === 1")
+            assert page.evaluate("window.gazemonai.images[1]") != name
+            browser.close()
+        assert not errors, errors
+        stored = page_server.ls.get_gaze(name[:-4])
+        local = rows_of(out.read_bytes(), name, "br")
+        assert len(local) >= 2 and [{k: r[k] for k in local[0]} for r in rows_of(stored, name, "br")] == local
+    finally:
+        page_server.close()
