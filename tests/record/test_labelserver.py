@@ -203,6 +203,41 @@ def test_a_bad_server_is_a_one_line_error_before_the_session(label_server, tmp_p
     assert not out.exists()
 
 
+def test_the_command_serves_the_page_on_the_server_until_stopped(label_server, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from helpers import ROOT, wait_http
+
+    port, out = free_port(), tmp_path / "cmd" / "gaze.csv"
+    out.parent.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gazemonai", "annotate", "--server", label_server.url, "--strategy", "first",
+         "--out", str(out), "--port", str(port), "--annotator", "cmd"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    try:
+        wait_http(f"http://127.0.0.1:{port}/api/session", proc, seconds=120)
+        status, body = request(f"http://127.0.0.1:{port}/api/session")
+        info = json.loads(body)
+        assert (info["server"], info["strategy"], info["images"]) == (label_server.url, "first", [])
+        status, body = request(
+            f"http://127.0.0.1:{port}/api/next", "POST", b"{}", {"Content-Type": "application/json"}
+        )
+        name = json.loads(body)["image"]
+        assert (tmp_path / "cmd" / "gaze_images" / name).is_file()  # the cache beside --out
+    finally:
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert f"images from {label_server.url} (strategy first)" in stdout
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary["server"] == label_server.url and summary["uploaded"] == 0
+
+
 def test_the_page_in_a_browser_shows_the_server_and_saves_there(label_server, tmp_path):
     import os
     import shutil
