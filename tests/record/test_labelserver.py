@@ -138,6 +138,10 @@ def test_images_come_in_the_strategy_order_and_the_gaze_lands_in_the_datastore(l
         listing = LabelServer(url, "listing", tmp_path / "listing")  # the datastore's own order
         assert listing.next_image("pg", set())["id"] == "img_3"  # img_0..2 have gaze
         assert listing.next_image("pg", {"img_3"})["id"] == "img_4"
+        default = LabelServer(url, "disagreement", tmp_path / "d")  # the default, before any model
+        default.connect()
+        pick = default.next_image("pg", set())
+        assert pick["id"] == "img_3" and "no model trained yet" in pick["reason"], pick
     finally:
         summary = page.close()
     assert summary["uploaded"] == 2 and summary["upload_pending"] == {}
