@@ -11,6 +11,7 @@ Commands::
     gazemonai report        --dataset-dir DIR --gaze-csv CSV --run-dir RUN --bundle-dir DIR --out DIR
     gazemonai segment-volume --volume MR.nii.gz --out MASK.nii.gz --bundle-dir DIR --checkpoint PT
     gazemonai annotate      --images DIR --out gaze.csv [--port 8765] [--source pointer|gazepoint|replay]
+    gazemonai annotate      --server http://host:8000 --out gaze.csv [--strategy disagreement|entropy|...]
     gazemonai prepare-slices --out DIR (--nifti-images DIR --nifti-masks DIR
                                         | --dicom-root DIR --labels-root DIR)
 
@@ -796,8 +797,8 @@ def derive_image_labels(
 
 
 def annotate(
-    images: str,
-    out: str,
+    images: str | None = None,
+    out: str | None = None,
     port: int = 8765,
     source: str = "pointer",
     annotator: str = "annotator",
@@ -813,6 +814,8 @@ def annotate(
     calibration_seconds: float = 0.8,
     screen_width_cm: float | None = None,
     distance_cm: float = 60.0,
+    server: str | None = None,
+    strategy: str = "disagreement",
 ):
     """Record gaze on a folder of images: a local page shows them one after another; look, press Space.
 
@@ -821,6 +824,9 @@ def annotate(
     Fixations go to OUT (GazeMedSeg columns + ANNOTATOR, RECORDING, ACCURACY_PX/DEG, SECONDS), one
     image at a time; raw samples and the page's events to OUT's folder, <OUT stem>_raw/.
     With --source replay --replay RAW --events EVENTS no page is served: the recording is made again.
+    With --server URL (a MONAI Label server of apps/monailabel) the images come from its datastore
+    (downloaded into <OUT stem>_images/), the next one picked by --strategy before each, and each
+    image's rows are also saved there as its `gaze` label (refused or unreachable: kept in OUT, retried).
 
     Args:
         images: folder of images to annotate.
@@ -843,6 +849,9 @@ def annotate(
         calibration_seconds: seconds of gaze taken at each validation point.
         screen_width_cm: the screen's width, for the validation accuracy in degrees.
         distance_cm: eye-to-screen distance for degrees.
+        server: a MONAI Label server (http://host:port) to take the images from and save the gaze to.
+        strategy: with --server: disagreement, entropy, first, random (the server's active learning)
+            or listing (the datastore's images by name).
     """
     from .gaze.pseudo_masks import PRESETS
     from .record.fixations import require_pymovements
@@ -851,8 +860,14 @@ def annotate(
 
     require_pymovements()  # the optional extra gazemonai[record]: said now, not at the first key press
 
-    images = _input_folder("images", _text_option("images", images, False))
+    server = _text_option("server", server)
     out = _output_file("out", _text_option("out", out, False))
+    if server is None and images is None:
+        raise InvalidInputError("annotate needs --images DIR (a folder of images) or --server URL")
+    if server is None:
+        images = _input_folder("images", _text_option("images", images, False))
+    elif images is not None:
+        raise InvalidInputError("--images goes without --server (the images come from its datastore)")
     port = _int_option("port", port, 1, optional=False)
     if port > 65535:
         raise InvalidInputError(f"--port must be <= 65535, got {port}")
@@ -877,6 +892,16 @@ def annotate(
         raise InvalidInputError("--source replay needs --replay RAW.csv (a raw sample file)")
     if source != "replay" and (replay or events):
         raise InvalidInputError("--replay and --events go with --source replay")
+    label_server = None
+    if server is not None:
+        from .record.labelserver import LabelServer
+
+        if events is not None:
+            raise InvalidInputError("--events (a headless replay) goes without --server")
+        images = str(Path(out).with_name(Path(out).stem + "_images"))
+        label_server = LabelServer(server, _text_option("strategy", strategy, False), images)
+        label_server.connect()  # a one-line error now when it does not answer or is not MONAI Label
+        options["label_server"] = label_server
     if events is not None:
         if not Path(events).is_file():
             raise InvalidInputError(f"--events {events}: file not found")
@@ -904,6 +929,8 @@ def annotate(
     if session.already:
         n, who = len(session.already), session.annotator
         print(f"{n} images already in {out} for annotator {who}: left out (--again shows them)")
+    if label_server is not None:
+        print(f"images from {label_server.url} (strategy {label_server.strategy}), cached in {images}")
     summary = serve(session, port=port)
     print(json.dumps(summary))
 

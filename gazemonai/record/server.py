@@ -190,6 +190,10 @@ class AnnotationSession:
         calibration_point_s: seconds of samples taken at each calibration point after the key press.
         screen_width_cm: the screen's physical width (validation accuracy in degrees; ``None``: unknown).
         distance_cm: eye-to-screen distance for degrees.
+        label_server: a :class:`~gazemonai.record.labelserver.LabelServer` (``--server``): the images
+            come from its datastore, one at a time in its strategy's order (:meth:`next_image`;
+            ``images_dir`` is then its cache folder), and each image's rows are also saved there
+            (refused or unreachable: kept in ``out_csv``, listed in ``pending`` and retried).
     """
 
     def __init__(
@@ -210,6 +214,7 @@ class AnnotationSession:
         calibration_point_s: float = 0.8,
         screen_width_cm: float | None = None,
         distance_cm: float = 60.0,
+        label_server=None,
     ):
         from .writer import GazeCsvWriter
 
@@ -222,10 +227,21 @@ class AnnotationSession:
                 f"--annotator must be a non-empty name without commas or quotes, got {annotator!r}"
             )
         self.recording = recording or f"{self.annotator}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
-        all_images = image_order(images_dir, order, seed)
+        self.label_server = label_server
+        self.pending: dict[str, str] = {}  # image -> why its upload to the label server failed
+        self.uploaded: list[str] = []
         done = _recorded_images(self.out_csv, self.annotator)
-        self.already = [n for n in all_images if n in done]
-        self.images = all_images if again else [n for n in all_images if n not in done]
+        if label_server is None:
+            all_images = image_order(images_dir, order, seed)
+            self.already = [n for n in all_images if n in done]
+            self.images = all_images if again else [n for n in all_images if n not in done]
+        else:  # the images come one at a time from the server's strategy (next_image)
+            if order != "name":
+                raise InvalidInputError("--order goes without --server (its --strategy orders the images)")
+            self.images_dir.mkdir(parents=True, exist_ok=True)
+            self.already = sorted(done)
+            self._exclude = set() if again else {os.path.splitext(n)[0] for n in done}
+            self.images = []
         self.config = config or PRESETS["kvasir"]
         self.raw_dir = Path(raw_dir) if raw_dir else self.out_csv.with_name(self.out_csv.stem + "_raw")
         self.raw_dir.mkdir(parents=True, exist_ok=True)
@@ -332,6 +348,70 @@ class AnnotationSession:
             ]
         rows.sort(key=lambda r: r[0])
         return np.array([r[1:] for r in rows], dtype=np.float64).reshape(-1, 3)
+
+    # ---------------------------------------------------------------- the label server
+    def next_image(self) -> dict:
+        """``--server``: ask the strategy for the next image, download it, append it to the order.
+
+        Returns:
+            ``{"index", "image", "strategy", "score"?, "reason"?}``, or ``{"done": True}`` when the
+            server has no image left for this session.
+        """
+        from .labelserver import LabelServerError
+
+        ls = self.label_server
+        if ls is None:
+            raise InvalidInputError("no --server: the images are the folder's, all known at the start")
+        with self._lock:
+            exclude = self._exclude | {os.path.splitext(n)[0] for n in self.images}
+            try:
+                pick = ls.next_image(self.annotator, exclude)
+                if not pick:
+                    return {"done": True, "server": ls.url}
+                name = ls.file_name(pick["id"], pick.pop("objects", None))
+                ls.download(pick["id"], name)
+            except LabelServerError as e:
+                return {"error": str(e), "server": ls.url}
+            self.images.append(name)
+            index = len(self.images) - 1
+        self._event({"event": "next", "index": index, "image": name, **pick})
+        return {"index": index, "image": name, **{k: v for k, v in pick.items() if k != "id"}}
+
+    def _image_rows_csv(self, name: str) -> bytes:
+        """This annotator's rows of image ``name`` as ``out_csv`` holds them, as one CSV (its columns)."""
+        with open(self.out_csv, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            rows = [r for r in reader if r["IMAGE"] == name and r.get("ANNOTATOR") == self.annotator]
+            out = io.StringIO()
+            writer = csv.DictWriter(out, fieldnames=reader.fieldnames, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
+        return out.getvalue().encode("utf-8")
+
+    def upload(self, name: str) -> dict:
+        """Save image ``name``'s rows to the label server as its ``gaze`` label (``saved`` or ``error``)."""
+        from .labelserver import LabelServerError
+
+        try:
+            self.label_server.put_gaze(os.path.splitext(name)[0], self._image_rows_csv(name))
+        except LabelServerError as e:
+            with self._lock:
+                self.pending[name] = str(e)
+            logger.warning("%s (the rows are kept in %s; retried at the next image)", e, self.out_csv)
+            return {"error": str(e), "kept": str(self.out_csv)}
+        with self._lock:
+            self.pending.pop(name, None)
+            if name not in self.uploaded:
+                self.uploaded.append(name)
+        return {"saved": True, "server": self.label_server.url}
+
+    def retry_uploads(self) -> dict:
+        """Upload again every image whose upload failed; returns ``{"saved": [...], "pending": {...}}``."""
+        saved = []
+        for name in list(self.pending):
+            if "saved" in self.upload(name):
+                saved.append(name)
+        return {"saved": saved, "pending": dict(self.pending)}
 
     # ---------------------------------------------------------------- the page's events
     def _geometry(self, d: dict, t_source: float) -> ViewGeometry:
@@ -474,6 +554,10 @@ class AnnotationSession:
         )
         # the raw samples follow off the key press's path, in order (one worker); close() waits for them
         self._raw_queue.submit(self.writer.append_raw, self.recording, name, samples, cur["geometries"])
+        if self.label_server is not None:
+            result["server"] = self.upload(name)
+            if self.pending.keys() - {name}:
+                result["server"]["retried"] = self.retry_uploads()
         written = self._rows_written(name)
         try:
             image, pm, png = overlay_job.result()
@@ -578,6 +662,8 @@ class AnnotationSession:
             "csv": str(self.out_csv),
             "calibration_point_s": self.calibration_point_s,
             "thresholds": list(self.config.thresholds),
+            "server": None if self.label_server is None else self.label_server.url,
+            "strategy": None if self.label_server is None else self.label_server.strategy,
         }
 
     def status(self) -> dict:
@@ -611,6 +697,10 @@ class AnnotationSession:
         out["accuracy"] = self.accuracy
         out["raw"] = str(self.raw_path)
         out["events"] = str(self.events_path)
+        if self.label_server is not None:
+            out["server"] = self.label_server.url
+            out["uploaded"] = len(self.uploaded)
+            out["upload_pending"] = dict(self.pending)
         return out
 
     def flush(self) -> None:
@@ -618,6 +708,8 @@ class AnnotationSession:
         self._raw_queue.submit(lambda: None).result()
 
     def close(self) -> dict:
+        if self.label_server is not None and self.pending and not self.closed:
+            self.retry_uploads()  # a last try; what still fails is listed in the summary
         if self.source is not None and not self.closed:
             try:
                 self.source.stop()
@@ -800,6 +892,18 @@ def make_app(session: AnnotationSession):
         p = request.path_params
         return Response(session.level_png(int(p["index"]), int(p["level"])), media_type="image/png")
 
+    async def next_image(request):
+        await body(request)
+        from starlette.concurrency import run_in_threadpool
+
+        return JSONResponse(await run_in_threadpool(session.next_image))
+
+    async def retry(request):
+        await body(request)
+        from starlette.concurrency import run_in_threadpool
+
+        return JSONResponse(await run_in_threadpool(session.retry_uploads))
+
     async def end(request):
         await body(request)
         from starlette.concurrency import run_in_threadpool
@@ -821,6 +925,8 @@ def make_app(session: AnnotationSession):
         Route("/api/overlay/{index:int}.png", handled(overlay)),
         Route("/api/level/{index:int}/{level:int}.png", handled(level)),
         Route("/api/end", handled(end), methods=["POST"]),
+        Route("/api/next", handled(next_image), methods=["POST"]),
+        Route("/api/retry", handled(retry), methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
     return Starlette(routes=routes)

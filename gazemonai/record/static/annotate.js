@@ -234,7 +234,26 @@ async function finishCalibration() {
 }
 
 // ------------------------------------------------------------------ images
-function showImage(index) {
+async function showImage(index) {
+  if (index >= state.images.length && state.info.server) {
+    // --server: the server's active-learning strategy picks the next image, asked now
+    let r;
+    try {
+      r = await post("/api/next", {});
+    } catch (e) {
+      r = { error: e.message };
+    }
+    if (r.error) {
+      state.phase = "result";
+      panel("The MONAI Label server did not give an image", `${r.error}<br>Everything recorded is in ${state.info.csv}.`,
+        "<kbd>Space</kbd> ask again");
+      return;
+    }
+    if (r.done) return endSession();
+    state.images[r.index] = r.image;
+    state.picked = r;
+    index = r.index;
+  }
   if (index >= state.images.length) return endSession();
   state.phase = "loading-image";
   state.index = index;
@@ -253,7 +272,10 @@ function showImage(index) {
     state.shownAt = performance.now();
     await flushSamples();
     post("/api/begin", { index, t: now(), geometry: state.geometry }).catch((e) => toast(`not recorded: ${e.message}`));
-    $("progress").textContent = `${index + 1} / ${state.images.length}  ${state.images[index]}`;
+    $("progress").textContent = state.info.server
+      ? `${index + 1}  ${state.images[index]}  (${state.info.strategy}` +
+        `${state.picked && state.picked.score != null ? ` ${Number(state.picked.score).toFixed(3)}` : ""} @ ${state.info.server})`
+      : `${index + 1} / ${state.images.length}  ${state.images[index]}`;
   };
   img.onerror = async () => {
     state.skipped += 1;
@@ -285,6 +307,10 @@ async function finishImage() {
   if (r.resized) lines.push(`The window was resized ${r.resized}× mid-image; each placement was mapped on its own.`);
   if (r.disconnected) lines.push("<b>The tracker was disconnected</b>: what was recorded before is kept; press R to look again.");
   if (r.message) lines.push(r.message);
+  if (r.server && r.server.saved) lines.push(`Saved to the MONAI Label server ${r.server.server} (tag gaze).`);
+  if (r.server && r.server.error) lines.push(`<b>Not saved to the server</b>: ${r.server.error}<br>The rows are kept in ` +
+    `${r.server.kept}; the upload is tried again at the next image and at the end.`);
+  if (r.server && r.server.retried && r.server.retried.saved.length) lines.push(`Uploaded now: ${r.server.retried.saved.join(", ")}.`);
   const swatch = ["#fff", "#0ff", "#f0f", "#ff0", "#0f0"];
   if (r.levels) lines.push("Pseudo-mask levels: " + r.levels.map((l, k) => `<span style="color:${swatch[k % 5]}">■</span> ` +
     `${k + 1} (≥ ${l.threshold}): ${(100 * l.fraction).toFixed(1)} % of the image`).join(", ") + "; heatmap in red–yellow.");
@@ -332,7 +358,10 @@ async function endSession() {
   panel("Done", `${s.images || 0} images recorded into ${s.csv}` +
     (s.seconds_mean != null ? `; ${s.seconds_mean.toFixed(1)} s per image on average (median ` +
       `${s.seconds_median.toFixed(1)} s, total ${s.seconds_total.toFixed(0)} s)` : "") +
-    (skipped.length ? `<br>Skipped: ${skipped.join(", ")}` : "") + `<br>Raw samples: ${s.raw}`, "You can close this page.");
+    (skipped.length ? `<br>Skipped: ${skipped.join(", ")}` : "") + `<br>Raw samples: ${s.raw}` +
+    (s.server ? `<br>${s.uploaded} images saved to ${s.server}` + (Object.keys(s.upload_pending).length
+      ? `; <b>not saved there</b> (kept in ${s.csv}): ${Object.entries(s.upload_pending).map(([k, v]) => `${k}: ${v}`).join("; ")}` : "") : ""),
+    "You can close this page.");
 }
 
 // ------------------------------------------------------------------ keys (a USB pedal sends one too)
@@ -384,14 +413,16 @@ async function main() {
   const already = info.already.length ? `<br>${info.already.length} images already in ${info.csv} for annotator ` +
     `<b>${info.annotator}</b> are left out (nothing there is overwritten).` : "";
   state.phase = "start";
-  if (!state.images.length) {
+  const where = info.server ? `<br>Images from the MONAI Label server <b>${info.server}</b>, next image by ` +
+    `strategy <b>${info.strategy}</b>; the gaze is saved there and in ${info.csv}.` : "";
+  if (!state.images.length && !info.server) {
     panel("Nothing to annotate", `Every image is already recorded for annotator <b>${info.annotator}</b>.${already}`, "");
     return;
   }
   panel("gazemonai — annotate by looking",
-    `${info.images.length} images, gaze source <b>${info.source}</b>, annotator <b>${info.annotator}</b>, ` +
+    `${info.server ? "" : `${info.images.length} images, `}gaze source <b>${info.source}</b>, annotator <b>${info.annotator}</b>, ` +
     `recording <b>${info.recording}</b>.<br>Look at the lesion; press <kbd>Space</kbd> (or <kbd>→</kbd>, or the pedal) ` +
-    `to go on. Zoom with the wheel or <kbd>+</kbd>/<kbd>-</kbd>, pan by dragging, <kbd>0</kbd> to fit.${already}`,
+    `to go on. Zoom with the wheel or <kbd>+</kbd>/<kbd>-</kbd>, pan by dragging, <kbd>0</kbd> to fit.${where}${already}`,
     "<kbd>Space</kbd> calibrate (9 points) &nbsp; <kbd>S</kbd> skip calibration");
 }
 main().catch((e) => panel("The page could not start", String(e), ""));
