@@ -66,7 +66,7 @@ class ExportableMultiLevelNet(nn.Module):
 
     TRAINING_OPTIONS = (
         "init", "propagate", "propagate_logits", "kernel_size", "dilation", "output", "return_features",
-        "freeze_prompt",
+        "freeze_prompt", "propagation",
     )  # fmt: skip
     __constants__ = ["prompted"]  # TorchScript compiles only the branch the network has
 
