@@ -357,8 +357,20 @@ def fused_feature_propagation(
     """:func:`~gazemonai.train.networks.feature_propagation` by :class:`FusedPropagation` (2-D maps).
 
     Arguments as there. Raises :class:`~gazemonai.errors.InvalidInputError` where the kernel cannot run.
+    In a compiled network (``torch.compile``) the kernels run as they are, behind a graph break.
     """
     resolve_propagation("fused", feat)
+    return _not_compiled()(feat, kernel_size, dilation, values)
+
+
+@functools.lru_cache(maxsize=1)
+def _not_compiled():
+    # built on first use: torch.compiler.disable imports torch._dynamo, which imports triton where it is
+    # installed (~100 MB resident), and a CPU process that never propagates on a GPU needs neither
+    return torch.compiler.disable(_apply_fused)
+
+
+def _apply_fused(feat, kernel_size, dilation, values):
     return FusedPropagation.apply(
         _dense(feat), None if values is None else _dense(values), kernel_size, dilation
     )

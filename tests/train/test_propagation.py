@@ -164,3 +164,24 @@ def test_the_formulation_for_torch_compile_matches_the_reference():
 )
 def test_the_compiled_propagation_matches_the_reference():
     _check_against_reference(compiled_feature_propagation, atol=1e-12)
+
+
+@pytest.mark.slow
+@needs_triton
+def test_the_benchmark_runs_and_compares_each_implementation_with_the_cpu_one():
+    """benchmarks/propagation.py at tiny settings (the fused kernels interpreted): one JSON line, figures."""
+    import json
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "propagation.py"), "--impls", "shifted,fused"]
+    cmd += ["--batch", "1", "--channels", "4", "--size", "12", "--steps", "1", "--warmup", "1"]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["shape"] == [1, 4, 12, 12] and set(res["results"]) == {"shifted", "fused"}
+    assert res["results"]["fused"]["max_abs_diff"] < 1e-5
+    assert all(res["results"][k]["ms"] > 0 for k in ("shifted", "fused"))
