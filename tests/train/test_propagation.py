@@ -185,3 +185,23 @@ def test_the_benchmark_runs_and_compares_each_implementation_with_the_cpu_one():
     assert res["shape"] == [1, 4, 12, 12] and set(res["results"]) == {"shifted", "fused"}
     assert res["results"]["fused"]["max_abs_diff"] < 1e-5
     assert all(res["results"][k]["ms"] > 0 for k in ("shifted", "fused"))
+
+
+def test_building_and_running_a_network_on_a_cpu_imports_neither_dynamo_nor_triton():
+    """Where Triton is installed, torch._dynamo imports it (~100 MB resident): a CPU process needs neither."""
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    code = (
+        "import sys, torch\n"
+        "from gazemonai.train.networks import MultiLevelNet\n"
+        "net = MultiLevelNet(2, features=(4, 4, 8, 8, 16, 4))\n"
+        "net(torch.randn(1, 3, 16, 16), output='train')['prop_logits'][0].sum().backward()\n"
+        "print(sorted(m for m in ('torch._dynamo', 'triton') if m in sys.modules))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
