@@ -124,7 +124,7 @@ def _kernels(interpret: bool):
     def tuned(fn):
         if interpret:
             return fn
-        configs = [  # few: each is compiled once per shape, with 25 neighbours unrolled
+        configs = [  # few: each is compiled once per shape and dtype
             triton.Config({"BLOCK_P": p}, num_warps=w) for p, w in ((16, 4), (32, 4), (64, 8), (128, 8))
         ]
         return triton.autotune(configs, key=["C", "CV", "H", "W", "K", "DIL"])(fn)
@@ -159,31 +159,30 @@ def _kernels(interpret: bool):
         m = tl.zeros([BLOCK_P], dtype=ACC)
         den = tl.zeros([BLOCK_P], dtype=ACC)
         acc = tl.zeros([BLOCK_CV, BLOCK_P], dtype=ACC)
-        for i in tl.static_range(K):
-            for j in tl.static_range(K):
-                hn = h + (i * DIL - (K // 2) * DIL)
-                wn = w + (j * DIL - (K // 2) * DIL)
-                nmask = pmask & (hn >= 0) & (hn < H) & (wn >= 0) & (wn < W)
-                fn = tl.load(
-                    fbase + hn[None, :] * sfh + wn[None, :] * sfw,
-                    mask=cmask[:, None] & nmask[None, :],
+        for k in range(K * K):  # a loop, not unrolled: 25 unrolled neighbours took minutes to compile
+            hn = h + ((k // K) * DIL - (K // 2) * DIL)
+            wn = w + ((k % K) * DIL - (K // 2) * DIL)
+            nmask = pmask & (hn >= 0) & (hn < H) & (wn >= 0) & (wn < W)
+            fn = tl.load(
+                fbase + hn[None, :] * sfh + wn[None, :] * sfw,
+                mask=cmask[:, None] & nmask[None, :],
+                other=0.0,
+            ).to(ACC)
+            s = tl.maximum(tl.sum(fq * fn, axis=0), 0.0)  # beyond the border: 0, still in the softmax
+            m_new = tl.maximum(m, s)
+            alpha = tl.exp(m - m_new)
+            e = tl.exp(s - m_new)
+            if SAME:
+                vn = fn
+            else:
+                vn = tl.load(
+                    vbase + hn[None, :] * svh + wn[None, :] * svw,
+                    mask=cvmask[:, None] & nmask[None, :],
                     other=0.0,
                 ).to(ACC)
-                s = tl.maximum(tl.sum(fq * fn, axis=0), 0.0)  # beyond the border: 0, still in the softmax
-                m_new = tl.maximum(m, s)
-                alpha = tl.exp(m - m_new)
-                e = tl.exp(s - m_new)
-                if SAME:
-                    vn = fn
-                else:
-                    vn = tl.load(
-                        vbase + hn[None, :] * svh + wn[None, :] * svw,
-                        mask=cvmask[:, None] & nmask[None, :],
-                        other=0.0,
-                    ).to(ACC)
-                acc = acc * alpha[None, :] + e[None, :] * vn
-                den = den * alpha + e
-                m = m_new
+            acc = acc * alpha[None, :] + e[None, :] * vn
+            den = den * alpha + e
+            m = m_new
         out = acc / den[None, :]
         obase = OUT + b * sob + cv[:, None] * soc
         tl.store(
@@ -234,41 +233,40 @@ def _kernels(interpret: bool):
         d_q = tl.load(D + b * H * W + offs, mask=pmask, other=0.0)
         gf = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
         gv = tl.zeros([BLOCK_CV, BLOCK_P], dtype=ACC)
-        for i in tl.static_range(K):
-            for j in tl.static_range(K):
-                hn = h + (i * DIL - (K // 2) * DIL)
-                wn = w + (j * DIL - (K // 2) * DIL)
-                nmask = pmask & (hn >= 0) & (hn < H) & (wn >= 0) & (wn < W)
-                fn = tl.load(
-                    fbase + hn[None, :] * sfh + wn[None, :] * sfw,
-                    mask=cmask[:, None] & nmask[None, :],
-                    other=0.0,
-                ).to(ACC)
-                if SAME:
-                    vn = fn
-                else:
-                    vn = tl.load(
-                        vbase + hn[None, :] * svh + wn[None, :] * svw,
-                        mask=cvmask[:, None] & nmask[None, :],
-                        other=0.0,
-                    ).to(ACC)
-                gn = tl.load(
-                    gbase + hn[None, :] * sgh + wn[None, :] * sgw,
+        for k in range(K * K):  # a loop, not unrolled: 25 unrolled neighbours took minutes to compile
+            hn = h + ((k // K) * DIL - (K // 2) * DIL)
+            wn = w + ((k % K) * DIL - (K // 2) * DIL)
+            nmask = pmask & (hn >= 0) & (hn < H) & (wn >= 0) & (wn < W)
+            fn = tl.load(
+                fbase + hn[None, :] * sfh + wn[None, :] * sfw,
+                mask=cmask[:, None] & nmask[None, :],
+                other=0.0,
+            ).to(ACC)
+            if SAME:
+                vn = fn
+            else:
+                vn = tl.load(
+                    vbase + hn[None, :] * svh + wn[None, :] * svw,
                     mask=cvmask[:, None] & nmask[None, :],
                     other=0.0,
                 ).to(ACC)
-                noff = hn * W + wn
-                lse_n = tl.load(LSE + b * H * W + noff, mask=nmask, other=0.0)
-                d_n = tl.load(D + b * H * W + noff, mask=nmask, other=0.0)
-                s = tl.sum(fq * fn, axis=0)
-                pos = s > 0.0
-                sc = tl.maximum(s, 0.0)
-                w_c = tl.exp(sc - lse_q)
-                ds_c = tl.where(pos, w_c * (tl.sum(gq * vn, axis=0) - d_q), 0.0)
-                w_n = tl.where(nmask, tl.exp(sc - lse_n), 0.0)
-                ds_n = tl.where(pos & nmask, w_n * (tl.sum(gn * vq, axis=0) - d_n), 0.0)
-                gf += (ds_c + ds_n)[None, :] * fn
-                gv += w_n[None, :] * gn
+            gn = tl.load(
+                gbase + hn[None, :] * sgh + wn[None, :] * sgw,
+                mask=cvmask[:, None] & nmask[None, :],
+                other=0.0,
+            ).to(ACC)
+            noff = hn * W + wn
+            lse_n = tl.load(LSE + b * H * W + noff, mask=nmask, other=0.0)
+            d_n = tl.load(D + b * H * W + noff, mask=nmask, other=0.0)
+            s = tl.sum(fq * fn, axis=0)
+            pos = s > 0.0
+            sc = tl.maximum(s, 0.0)
+            w_c = tl.exp(sc - lse_q)
+            ds_c = tl.where(pos, w_c * (tl.sum(gq * vn, axis=0) - d_q), 0.0)
+            w_n = tl.where(nmask, tl.exp(sc - lse_n), 0.0)
+            ds_n = tl.where(pos & nmask, w_n * (tl.sum(gn * vq, axis=0) - d_n), 0.0)
+            gf += (ds_c + ds_n)[None, :] * fn
+            gv += w_n[None, :] * gn
         if SAME:
             gf += gv
         else:
