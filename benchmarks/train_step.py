@@ -49,6 +49,7 @@ def measure(
     threads,
     step_in_backward: bool,
     step: str,
+    propagation: str,
     fused: bool,
     release_memory: bool,
     device: str = "cpu",
@@ -83,7 +84,11 @@ def measure(
     ref = impl == "reference"
     # the reference: copied levels, features propagated by unfolding, then classified (GazeSup's code)
     net = MultiLevelNet(
-        num_levels=levels, features=features, init="copy" if ref else "independent", propagate_logits=not ref
+        num_levels=levels,
+        features=features,
+        init="copy" if ref else "independent",
+        propagate_logits=not ref,
+        propagation="shifted" if ref else propagation,  # the reference's is replaced below
     )
     if ref:
         net.propagation = feature_propagation_unfold
@@ -199,6 +204,13 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--impl", choices=["ours", "reference", "both"], default="both")
     ap.add_argument(
+        "--propagation",
+        choices=["auto", "shifted", "fused", "compiled"],
+        default="auto",
+        help="ours: the propagation's implementation (gazemonai.train.propagation; auto: fused Triton "
+        "kernel on CUDA, shifted on a CPU)",
+    )
+    ap.add_argument(
         "--step",
         choices=["levelwise", "joint"],
         default="levelwise",
@@ -251,6 +263,7 @@ def main(argv=None):
         threads=args.threads,
         step_in_backward=args.step_in_backward,
         step=args.step,
+        propagation=args.propagation,
         fused=args.fused,
         release_memory=args.release_memory,
         device=args.device,
@@ -302,6 +315,7 @@ def main(argv=None):
         "features": features,
         "size": args.size,
         "batch": args.batch,
+        "propagation": args.propagation,
         "step_in_backward": args.step_in_backward,
         "fused": args.fused,
         "release_memory": args.release_memory,

@@ -15,6 +15,7 @@ each level network, then a :class:`PromptedFeatureUNet`, receives: ``MultiLevelN
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 from monai.networks.layers import Conv
@@ -23,6 +24,12 @@ from monai.networks.nets.basic_unet import Down, TwoConv, UpCat
 from torch import nn
 
 from ..errors import InvalidInputError
+from .propagation import (
+    check_propagation,
+    compiled_feature_propagation,
+    fused_feature_propagation,
+    resolve_propagation,
+)
 
 __all__ = [
     "FeatureUNet",
@@ -158,7 +165,11 @@ class _FeaturePropagation(torch.autograd.Function):
 
 
 def feature_propagation(
-    feat: torch.Tensor, kernel_size: int = 5, dilation: int = 2, values: torch.Tensor | None = None
+    feat: torch.Tensor,
+    kernel_size: int = 5,
+    dilation: int = 2,
+    values: torch.Tensor | None = None,
+    impl: str = "auto",
 ) -> torch.Tensor:
     """Similarity-weighted average of each pixel's neighbours, without unfolding.
 
@@ -179,6 +190,9 @@ def feature_propagation(
             A linear map of the features commutes with the average, so the propagated logits of a
             1x1 classifier ``W f + b`` are ``feature_propagation(f, values=W f) + b``: C' = 1
             channel to average instead of C.
+        impl: which implementation computes it (:mod:`gazemonai.train.propagation`): ``"shifted"``
+            (this one), ``"fused"`` (a Triton kernel, CUDA), ``"compiled"`` (``torch.compile``), or
+            ``"auto"`` (the default: ``"fused"`` for a 2-D map on CUDA with Triton, else ``"shifted"``).
     """
     if kernel_size % 2 != 1:
         raise InvalidInputError(f"kernel_size must be odd, got {kernel_size}")
@@ -189,6 +203,11 @@ def feature_propagation(
             f"values must match feat in batch and spatial size, got {tuple(values.shape)} "
             f"for features {tuple(feat.shape)}"
         )
+    impl = resolve_propagation(impl, feat)
+    if impl == "fused":
+        return fused_feature_propagation(feat, kernel_size, dilation, values=values)
+    if impl == "compiled":
+        return compiled_feature_propagation(feat, kernel_size, dilation, values=values)
     return _FeaturePropagation.apply(feat, values, kernel_size, dilation)
 
 
@@ -460,6 +479,10 @@ class MultiLevelNet(nn.Module):
             for a :attr:`propagation` function without ``values`` (the unfold reference).
         kernel_size: propagation neighbourhood.
         dilation: propagation dilation.
+        propagation: its implementation (:mod:`gazemonai.train.propagation`): ``"auto"`` (the
+            default: the fused Triton kernel on a CUDA device when Triton is installed, the
+            ``"shifted"`` CPU implementation elsewhere), ``"shifted"``, ``"fused"`` (CUDA only; an
+            error elsewhere) or ``"compiled"`` (``torch.compile``). All compute the same values.
         output: default output, ``"ensemble"`` (B, 1, ...) mean logits — what inference, MONAI Label
             and export see; ``"stack"`` (B, 1 + N, ...) the mean then each level's logits (evaluation
             per level); ``"train"`` a dict with ``logits``, ``level_logits`` and ``prop_logits``.
@@ -492,6 +515,7 @@ class MultiLevelNet(nn.Module):
         propagate_logits: bool = True,
         kernel_size: int = 5,
         dilation: int = 2,
+        propagation: str = "auto",
         output: str = "ensemble",
         return_features: bool = False,
         prompt_features: Sequence[int] | None = None,
@@ -535,7 +559,8 @@ class MultiLevelNet(nn.Module):
                 level.load_state_dict(self.levels[0].state_dict())
         self.propagate = propagate
         self.propagate_logits = propagate_logits
-        self.propagation = feature_propagation
+        self.propagation_impl = check_propagation(propagation)
+        self.propagation = partial(feature_propagation, impl=self.propagation_impl)
         self.kernel_size = kernel_size
         self.dilation = dilation
         self.output = output
