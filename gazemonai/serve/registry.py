@@ -37,7 +37,7 @@ from ..errors import CheckpointMismatchError, CheckpointReadError, InvalidInputE
 from ..train.checkpoints import load_weights
 from ..train.tracking import fail_fast_http, is_outage
 from .staging import (
-    MODEL_SETTINGS,
+    check_staged_bundle,
     evaluation_overrides,
     locate_bundle,
     read_run_record,
@@ -77,6 +77,7 @@ class BundlePyfuncModel(PythonModel):
         from ..train.transforms import SaveMaskd
 
         bundle = Path(context.artifacts["bundle"])
+        check_staged_bundle(bundle)  # its model settings are plain data before MONAI parses them
         parser = ConfigParser()
         parser.read_config(str(bundle / "configs" / "inference.json"))
         parser["bundle_root"] = str(bundle)
@@ -332,8 +333,7 @@ def register_bundle(
             or path_to_sqlite_uri(str(ckpt.resolve().parent.parent / "outputs" / "mlruns.db"))
         )
     aliases = [_alias(a) for a in aliases]
-    trained = trained_settings(record)
-    overrides = {**{k: trained[k] for k in MODEL_SETTINGS if k in trained}, **(overrides or {})}
+    trained = trained_settings(ckpt, record)
     with tempfile.TemporaryDirectory() as tmp, _tracking(tracking_uri):
         # fails before anything is logged when the checkpoint does not load
         staged, model = _load_staged(bundle, ckpt, overrides or None, Path(tmp), trained)
@@ -475,6 +475,10 @@ def download_registered_bundle(
     bundle = local / "artifacts" / "bundle"
     if not all((bundle / f).is_file() for f in ("configs/inference.json", "models/model.pt")):
         raise InvalidInputError(f"{model_uri} is not a model gazemonai register logged (no bundle in it)")
+    try:
+        check_staged_bundle(bundle)
+    except InvalidInputError as e:
+        raise InvalidInputError(str(e).replace(str(bundle), model_uri)) from e
     return bundle
 
 
@@ -562,9 +566,7 @@ def bundle_predictor(
         if bundle_dir is None:
             raise InvalidInputError("a checkpoint needs its bundle: give --bundle-dir (bundles/<name>)")
         bundle, ckpt = locate_bundle(bundle_dir, checkpoint)
-        trained = trained_settings(read_run_record(ckpt))
-        overrides = {k: trained[k] for k in MODEL_SETTINGS if k in trained}
-        return _load_staged(bundle, ckpt, overrides or None, dest)[1]
+        return _load_staged(bundle, ckpt, None, dest)[1]  # with the recorded training's model settings
     else:
         raise InvalidInputError("which model? give a checkpoint (--checkpoint, --bundle-dir) or --model")
     model = BundlePyfuncModel()
