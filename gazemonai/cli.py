@@ -377,6 +377,7 @@ def evaluate(
     eval_split: str = "test",
     tracking_uri: str | None = None,
     override: dict | None = None,
+    any_model_uri: bool = False,
 ):
     """Evaluate a registered model on a data set: the report evaluate.json writes, from the registry.
 
@@ -391,6 +392,7 @@ def evaluate(
         eval_split: test, val, train, or a split file name under DATASET_DIR.
         tracking_uri: the registry (default $MLFLOW_TRACKING_URI).
         override: more bundle values, e.g. "{'num_workers': 0, 'eval_limit': 10}".
+        any_model_uri: accept a MODEL that is not a registry URI (a folder, file:, s3://...).
     """
     from .serve.registry import run_registered_bundle
 
@@ -402,14 +404,22 @@ def evaluate(
     }
     out = _output_folder("out", out)
     metrics = run_registered_bundle(
-        model, "evaluate", out, tracking_uri=_text_option("tracking_uri", tracking_uri), **overrides
-    )
+        model, "evaluate", out, tracking_uri=_text_option("tracking_uri", tracking_uri),
+        any_uri=_bool_option("any_model_uri", any_model_uri), **overrides,
+    )  # fmt: skip
     report = json.loads(metrics.read_text())
     print(f"evaluated {model} on {report['images']} images of {overrides['eval_split']}: {metrics}")
     print(json.dumps({"model": model, "metrics": str(metrics), "mean": report["mean"]}))
 
 
-def predict(model: str, images: str, out: str, tracking_uri: str | None = None, override: dict | None = None):
+def predict(
+    model: str,
+    images: str,
+    out: str,
+    tracking_uri: str | None = None,
+    override: dict | None = None,
+    any_model_uri: bool = False,
+):
     """Segment a folder of images with a registered model: one mask per image, as inference.json writes.
 
     Args:
@@ -418,6 +428,7 @@ def predict(model: str, images: str, out: str, tracking_uri: str | None = None, 
         out: folder for the masks.
         tracking_uri: the registry (default $MLFLOW_TRACKING_URI).
         override: more inference.json values, e.g. "{'device': 'cpu'}".
+        any_model_uri: accept a MODEL that is not a registry URI (a folder, file:, s3://...).
     """
     from .serve.registry import run_registered_bundle
 
@@ -425,8 +436,9 @@ def predict(model: str, images: str, out: str, tracking_uri: str | None = None, 
     overrides = {**_dict_option("override", override), "dataset_dir": _input_folder("images", images)}
     out = _output_folder("out", out)
     folder = run_registered_bundle(
-        model, "inference", out, tracking_uri=_text_option("tracking_uri", tracking_uri), **overrides
-    )
+        model, "inference", out, tracking_uri=_text_option("tracking_uri", tracking_uri),
+        any_uri=_bool_option("any_model_uri", any_model_uri), **overrides,
+    )  # fmt: skip
     written = sorted(p.name for p in folder.iterdir() if p.is_file())
     print(f"{len(written)} masks from {model} in {folder}")
     print(json.dumps({"model": model, "out": str(folder), "masks": len(written)}))
@@ -476,6 +488,7 @@ def segment_volume(
     checkpoint: str | None = None,
     model: str | None = None,
     tracking_uri: str | None = None,
+    any_model_uri: bool = False,
 ):
     """Segment an MR volume slice by slice with the prostate model: a mask volume with its geometry.
 
@@ -486,6 +499,7 @@ def segment_volume(
         checkpoint: trained weights, e.g. runs/prostate/models/model.pt.
         model: a registered model instead, e.g. models:/prostate_gaze@champion.
         tracking_uri: the registry (default $MLFLOW_TRACKING_URI).
+        any_model_uri: accept a MODEL that is not a registry URI (a folder, file:, s3://...).
     """
     import tempfile
 
@@ -503,6 +517,7 @@ def segment_volume(
             bundle_dir=_text_option("bundle_dir", bundle_dir),
             model_uri=_text_option("model", model),
             tracking_uri=_text_option("tracking_uri", tracking_uri),
+            any_uri=_bool_option("any_model_uri", any_model_uri),
         )
         summary = segment(path, out, predictor)
     print(f"{summary['slices_with_mask']} of {summary['shape'][0]} slices segmented -> {out}")

@@ -445,8 +445,12 @@ def _description(bundle: Path, ckpt: Path, tags: dict[str, str]) -> str:
     return text
 
 
+#: model URIs that name a registry's model or a run's artifact; anything else is a path or a store
+REGISTRY_SCHEMES = ("models:/", "runs:/")
+
+
 def download_registered_bundle(
-    model_uri: str, dest: str | os.PathLike, tracking_uri: str | None = None
+    model_uri: str, dest: str | os.PathLike, tracking_uri: str | None = None, any_uri: bool = False
 ) -> Path:
     """The bundle folder (configs + ``models/model.pt``) of a registered gazemonai model.
 
@@ -454,11 +458,19 @@ def download_registered_bundle(
         model_uri: ``models:/NAME/VERSION``, ``models:/NAME@ALIAS``, ``runs:/RUN_ID/model``, ...
         dest: a folder to download into.
         tracking_uri: the registry's tracking URI (default: ``MLFLOW_TRACKING_URI``).
+        any_uri: also accept URIs other than ``models:/`` and ``runs:/`` (a local folder, ``file:``,
+            ``s3://`` ...), which MLflow reads as paths; refused unless asked for.
 
     Raises:
-        InvalidInputError: the model is not one ``gazemonai register`` logged.
+        InvalidInputError: the model is not one ``gazemonai register`` logged, or its URI is not a
+            registry's and ``any_uri`` is not set.
         TrackingUnavailableError: the tracking server does not answer.
     """
+    if not any_uri and not str(model_uri).startswith(REGISTRY_SCHEMES):
+        raise InvalidInputError(
+            f"model {model_uri!r} is not a registry URI (models:/NAME/VERSION, models:/NAME@ALIAS or "
+            "runs:/RUN_ID/model); MLflow would read it as a path: to load it anyway, add --any-model-uri"
+        )
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         raise InvalidInputError(
@@ -492,6 +504,7 @@ def run_registered_bundle(
     task: str,
     out: str | os.PathLike,
     tracking_uri: str | None = None,
+    any_uri: bool = False,
     **overrides,
 ) -> Path:
     """Run a registered model's bundle: ``evaluate`` (``train.json`` + ``evaluate.json``) or ``inference``.
@@ -506,6 +519,7 @@ def run_registered_bundle(
         task: ``"evaluate"`` or ``"inference"``.
         out: evaluation: the run folder (``bundle_root``); inference: the mask folder.
         tracking_uri: the registry's tracking URI (default: ``MLFLOW_TRACKING_URI``).
+        any_uri: accept a model URI that is not a registry's (:func:`download_registered_bundle`).
         overrides: bundle values (``dataset_dir``, ``eval_split``, ...).
 
     Returns:
@@ -517,7 +531,7 @@ def run_registered_bundle(
         raise InvalidInputError(f"task must be evaluate or inference, got {task!r}")
     out = Path(out)
     with tempfile.TemporaryDirectory() as tmp:
-        bundle = download_registered_bundle(model_uri, tmp, tracking_uri)
+        bundle = download_registered_bundle(model_uri, tmp, tracking_uri, any_uri)
         configs = bundle / "configs"
         logger.info("running %s of %s (%s)", task, model_uri, bundle)
         if task == "evaluate":
@@ -547,6 +561,7 @@ def bundle_predictor(
     bundle_dir: str | os.PathLike | None = None,
     model_uri: str | None = None,
     tracking_uri: str | None = None,
+    any_uri: bool = False,
 ) -> BundlePyfuncModel:
     """A loaded :class:`BundlePyfuncModel` from a checkpoint and its bundle, or from a registered model.
 
@@ -558,10 +573,11 @@ def bundle_predictor(
         bundle_dir: the checkpoint's bundle, e.g. ``bundles/prostate_gaze``.
         model_uri: a registered model instead (``models:/NAME@ALIAS``).
         tracking_uri: the registry (default ``MLFLOW_TRACKING_URI``).
+        any_uri: accept a model URI that is not a registry's (:func:`download_registered_bundle`).
     """
     dest = Path(dest)
     if model_uri is not None:
-        staged = download_registered_bundle(model_uri, dest, tracking_uri)
+        staged = download_registered_bundle(model_uri, dest, tracking_uri, any_uri)
     elif checkpoint is not None:
         if bundle_dir is None:
             raise InvalidInputError("a checkpoint needs its bundle: give --bundle-dir (bundles/<name>)")

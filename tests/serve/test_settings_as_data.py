@@ -221,3 +221,20 @@ def test_a_config_dir_outside_the_run_folder_is_refused(kvasir_checkpoint, tmp_p
     with pytest.raises(InvalidInputError, match="leads out of"):
         stage_bundle(KVASIR, tmp_path / "s", run / "models" / "model.pt")
 
+
+def test_a_model_uri_that_is_not_a_registry_uri_needs_to_be_asked_for(
+    kvasir_checkpoint, synthetic_root, tmp_path, monkeypatch
+):
+    """Issue #26 kind 6: ``--model /a/folder`` is read as a path only with ``--any-model-uri``."""
+    uri, staged = _registered(kvasir_checkpoint, tmp_path, monkeypatch)
+    folder = staged.parent.parent  # the logged model: MLmodel, artifacts/bundle, ...
+    images = synthetic_root / "images"
+    for model in (folder, f"file://{folder}"):
+        p = cli("predict", "--model", model, "--images", images, "--out", tmp_path / "pred",
+                "--tracking-uri", uri)  # fmt: skip
+        assert p.returncode == 2 and "--any-model-uri" in p.stderr and "not a registry URI" in p.stderr
+        assert not (tmp_path / "pred").exists() or not any((tmp_path / "pred").iterdir())
+    p = cli("predict", "--model", folder, "--images", images, "--out", tmp_path / "pred",
+            "--tracking-uri", uri, "--any-model-uri")  # fmt: skip
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert len(list((tmp_path / "pred").iterdir())) == len(list(images.iterdir()))
