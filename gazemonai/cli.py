@@ -564,6 +564,7 @@ def report(
     """
     from .report import write_report
     from .serve.staging import read_run_record
+    from .train.run_record import inside
 
     record = None
     if run_dir is not None:
@@ -571,7 +572,11 @@ def report(
         checkpoint = checkpoint or (str(run / "models" / "model.pt") if model is None else None)
         record = read_run_record(run / "models" / "model.pt")
         if metrics is None:
-            found = sorted((run / "outputs").glob("metrics_*.json"), key=lambda p: p.stat().st_mtime)
+            outputs = run / "outputs"  # no symlink out of the run folder (run_record.inside)
+            found = sorted(outputs.glob("metrics_*.json"), key=lambda p: p.lstat().st_mtime)
+            for p in [p for p in found if not inside(p, outputs)]:
+                logger.warning("%s leads out of %s: not read", p, outputs)
+            found = [p for p in found if inside(p, outputs)]
             metrics = str(found[-1]) if found else None
     if record is not None:
         tracking_uri = tracking_uri or record["tracking_uri"]

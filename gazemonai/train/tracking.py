@@ -278,7 +278,11 @@ class MLflowTracking(MLFlowHandler):
             return None
         resolved = json.loads(path.read_text(encoding="utf-8"))
         wanted = {k: resolved[k] for k in (*MODEL_SETTINGS, *SPLIT_SETTINGS) if k in resolved}
-        return check_trained_settings(wanted, str(path))
+        try:
+            return check_trained_settings(wanted, str(path))
+        except ValueError as e:  # not a reason to stop a training: serving will ask for the settings
+            logger.warning("model settings not recorded in %s: %s", self.run_record, e)
+            return None
 
     def _parse_artifacts(self):
         for path in self.artifacts:
