@@ -32,13 +32,10 @@ __all__ = [
     "feature_propagation",
     "feature_propagation_unfold",
     "PAPER_FEATURES",
-    "CPU_FEATURES",
 ]
 
 #: BasicUNet widths of the paper (the last is the decoder's output width).
 PAPER_FEATURES = (64, 128, 256, 512, 1024, 128)
-#: Slim widths for training on a CPU.
-CPU_FEATURES = (16, 32, 64, 128, 256, 32)
 
 
 def _displacements(kernel_size: int, dilation: int, ndim: int) -> list[tuple[int, ...]]:
