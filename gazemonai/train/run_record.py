@@ -67,6 +67,16 @@ CONFIG_SIGILS = ("$", "@", "%")
 
 _RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
+#: generous upper bounds of what a run record may describe (the paper's widths end at 1024, its images
+#: are 224 pixels): a record beyond them is refused before a network is built from it
+MODEL_LIMITS = {
+    "num_levels": 16,
+    "in_channels": 64,
+    "features": 8192,
+    "image_size": 8192,
+    "prompt_features": 8192,
+}
+
 
 def inside(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
     """Whether ``path``, symlinks followed, lies in ``folder`` (symlinks of ``folder`` followed too)."""
@@ -106,8 +116,8 @@ def read_json_inside(path: str | os.PathLike, folder: str | os.PathLike, what: s
 
     try:
         return json.loads(path.read_text(encoding="utf-8"), parse_constant=no_constants)
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise InvalidInputError(f"{what} {path} is not JSON ({e})") from e
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise InvalidInputError(f"{what} {path} is not JSON ({type(e).__name__}: {e})") from e
 
 
 def check_plain_data(value: Any, name: str) -> None:
@@ -184,6 +194,11 @@ def check_trained_settings(settings: Any, source: str) -> dict:
         if group not in (None, "patient"):
             raise InvalidInputError(f"val_group must be null or 'patient', got {group!r}")
         check_settings(**{k: found[k] for k in found if k not in ("prompt_features", "val_group")})
+        for key, limit in MODEL_LIMITS.items():
+            values = found.get(key)
+            values = values if isinstance(values, list) else [] if values is None else [values]
+            if any(v > limit for v in values):
+                raise InvalidInputError(f"{key} must be at most {limit}, got {found[key]!r}")
         if "image_size" in found and not isinstance(found["image_size"], list):
             raise InvalidInputError(f"image_size must be a list of 2 integers, got {found['image_size']!r}")
     except (InvalidInputError, TypeError) as e:

@@ -39,7 +39,9 @@ def test_plain_values_pass():
      ({"num_levels": True}, "num_levels"), ({"num_levels": 2.0}, "num_levels"),
      ({"in_channels": "3"}, "in_channels"),
      ({"prompt_features": [8, 8]}, "prompt_features"), ({"val_group": "$x"}, "val_group"),
-     ({"val_group": "study"}, "val_group"), ({"val_fraction": 1.5}, "val_fraction"), ({"seed": -1}, "seed")],
+     ({"val_group": "study"}, "val_group"), ({"val_fraction": 1.5}, "val_fraction"), ({"seed": -1}, "seed"),
+     ({"features": [8, 8, 8, 8, 10**9, 8]}, "features"), ({"image_size": [64, 10**6]}, "image_size"),
+     ({"num_levels": 1000}, "num_levels")],
 )  # fmt: skip
 def test_trained_settings_are_checked_as_the_bundle_checks_them(settings, word):
     with pytest.raises(InvalidInputError, match=f"src.json: {word}"):
@@ -58,6 +60,9 @@ def test_read_json_inside_refuses_big_files_and_nan(tmp_path):
     (tmp_path / "big.json").write_text(" " * (1 << 20) + "{}")
     with pytest.raises(InvalidInputError, match="bytes"):
         read_json_inside(tmp_path / "big.json", tmp_path)
+    (tmp_path / "deep.json").write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(InvalidInputError, match="not JSON"):
+        read_json_inside(tmp_path / "deep.json", tmp_path)
     (tmp_path / "nan.json").write_text('{"seed": NaN}')
     with pytest.raises(InvalidInputError, match="not JSON"):
         read_json_inside(tmp_path / "nan.json", tmp_path)
