@@ -386,6 +386,7 @@ def evaluate(
     eval_split: str = "test",
     tracking_uri: str | None = None,
     override: dict | None = None,
+    any_model_uri: bool = False,
 ):
     """Evaluate a registered model on a data set: the report evaluate.json writes, from the registry.
 
@@ -400,6 +401,7 @@ def evaluate(
         eval_split: test, val, train, or a split file name under DATASET_DIR.
         tracking_uri: the registry (default $MLFLOW_TRACKING_URI).
         override: more bundle values, e.g. "{'num_workers': 0, 'eval_limit': 10}".
+        any_model_uri: accept a MODEL that is not a registry URI (a folder, file:, s3://...).
     """
     from .serve.registry import run_registered_bundle
 
@@ -411,14 +413,22 @@ def evaluate(
     }
     out = _output_folder("out", out, inputs={"dataset_dir": overrides["dataset_dir"]})
     metrics = run_registered_bundle(
-        model, "evaluate", out, tracking_uri=_text_option("tracking_uri", tracking_uri), **overrides
-    )
+        model, "evaluate", out, tracking_uri=_text_option("tracking_uri", tracking_uri),
+        any_uri=_bool_option("any_model_uri", any_model_uri), **overrides,
+    )  # fmt: skip
     report = json.loads(metrics.read_text())
     print(f"evaluated {model} on {report['images']} images of {overrides['eval_split']}: {metrics}")
     print(json.dumps({"model": model, "metrics": str(metrics), "mean": report["mean"]}))
 
 
-def predict(model: str, images: str, out: str, tracking_uri: str | None = None, override: dict | None = None):
+def predict(
+    model: str,
+    images: str,
+    out: str,
+    tracking_uri: str | None = None,
+    override: dict | None = None,
+    any_model_uri: bool = False,
+):
     """Segment a folder of images with a registered model: one mask per image, as inference.json writes.
 
     Args:
@@ -427,6 +437,7 @@ def predict(model: str, images: str, out: str, tracking_uri: str | None = None, 
         out: folder for the masks.
         tracking_uri: the registry (default $MLFLOW_TRACKING_URI).
         override: more inference.json values, e.g. "{'device': 'cpu'}".
+        any_model_uri: accept a MODEL that is not a registry URI (a folder, file:, s3://...).
     """
     from .serve.registry import run_registered_bundle
 
@@ -434,8 +445,9 @@ def predict(model: str, images: str, out: str, tracking_uri: str | None = None, 
     overrides = {**_dict_option("override", override), "dataset_dir": _input_folder("images", images)}
     out = _output_folder("out", out, inputs={"images": overrides["dataset_dir"]})
     folder = run_registered_bundle(
-        model, "inference", out, tracking_uri=_text_option("tracking_uri", tracking_uri), **overrides
-    )
+        model, "inference", out, tracking_uri=_text_option("tracking_uri", tracking_uri),
+        any_uri=_bool_option("any_model_uri", any_model_uri), **overrides,
+    )  # fmt: skip
     written = sorted(p.name for p in folder.iterdir() if p.is_file())
     print(f"{len(written)} masks from {model} in {folder}")
     print(json.dumps({"model": model, "out": str(folder), "masks": len(written)}))
@@ -488,6 +500,7 @@ def segment_volume(
     checkpoint: str | None = None,
     model: str | None = None,
     tracking_uri: str | None = None,
+    any_model_uri: bool = False,
 ):
     """Segment an MR volume slice by slice with the prostate model: a mask volume with its geometry.
 
@@ -498,6 +511,7 @@ def segment_volume(
         checkpoint: trained weights, e.g. runs/prostate/models/model.pt.
         model: a registered model instead, e.g. models:/prostate_gaze@champion.
         tracking_uri: the registry (default $MLFLOW_TRACKING_URI).
+        any_model_uri: accept a MODEL that is not a registry URI (a folder, file:, s3://...).
     """
     import tempfile
 
@@ -519,6 +533,7 @@ def segment_volume(
             bundle_dir=_text_option("bundle_dir", bundle_dir),
             model_uri=_text_option("model", model),
             tracking_uri=_text_option("tracking_uri", tracking_uri),
+            any_uri=_bool_option("any_model_uri", any_model_uri),
         )
         summary = segment(path, out, predictor)
     print(f"{summary['slices_with_mask']} of {summary['shape'][0]} slices segmented -> {out}")
@@ -566,6 +581,7 @@ def report(
     from .gaze.pseudo_masks import PRESETS
     from .report import write_report
     from .serve.staging import read_run_record
+    from .train.run_record import inside
 
     if preset not in PRESETS:  # before any work, as pseudo-masks does
         raise InvalidInputError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
@@ -577,7 +593,11 @@ def report(
         checkpoint = checkpoint or (str(run / "models" / "model.pt") if model is None else None)
         record = read_run_record(run / "models" / "model.pt")
         if metrics is None:
-            found = sorted((run / "outputs").glob("metrics_*.json"), key=lambda p: p.stat().st_mtime)
+            outputs = run / "outputs"  # no symlink out of the run folder (run_record.inside)
+            found = sorted(outputs.glob("metrics_*.json"), key=lambda p: p.lstat().st_mtime)
+            for p in [p for p in found if not inside(p, outputs)]:
+                logger.warning("%s leads out of %s: not read", p, outputs)
+            found = [p for p in found if inside(p, outputs)]
             metrics = str(found[-1]) if found else None
     if record is not None:
         tracking_uri = tracking_uri or record["tracking_uri"]

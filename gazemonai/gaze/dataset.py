@@ -182,6 +182,9 @@ def _load_records(path: Path) -> dict[str, dict]:
                     rec = json.loads(line)
                 except json.JSONDecodeError:  # a line cut by a crash: that image is simply redone
                     continue
+                if not isinstance(rec, dict) or not isinstance(rec.get("id"), str):
+                    logger.warning("%s: a line that is not a record of this command: skipped", path)
+                    continue
                 records[rec["id"]] = rec
     return records
 
@@ -249,6 +252,8 @@ def run_pseudo_masks(
     with exclusive_folder(out_dir, "`gazemonai pseudo-masks`", "--out"):
         skipped: dict[str, list[str]] = {"missing": [], "no_gaze": [], "resumed": []}
         records_path = out_dir / "records.jsonl"
+        if records_path.is_symlink():  # appending would write wherever it points
+            raise InvalidInputError(f"{records_path} is a symlink (to {records_path.resolve()}): refused")
         previous = _load_records(records_path)
         digest = config.digest()
         jobs: list[PseudoMaskJob] = []

@@ -35,7 +35,7 @@ import torch.nn as nn
 from ..errors import CheckpointMismatchError, InvalidInputError
 from ..train.checkpoints import load_weights, model_weights
 from ..train.networks import MultiLevelNet
-from .staging import MODEL_SETTINGS, locate_bundle, read_run_record, stage_bundle, trained_settings
+from .staging import locate_bundle, stage_bundle
 
 __all__ = ["OnnxNetwork", "export_bundle", "FORMATS"]
 
@@ -133,7 +133,8 @@ def export_bundle(
         checkpoint: the trained weights; default ``bundle_dir/models/model.pt``.
         formats: any of :data:`FORMATS`.
         overrides: ``inference.json`` values; by default those of the recorded training
-            (``models/mlflow_run.json``) for ``num_levels``, ``features``, ``in_channels``, ``image_size``.
+            (``models/mlflow_run.json``, read as checked data) for ``num_levels``, ``features``,
+            ``in_channels``, ``image_size``, ``prompt_features``.
 
     Returns:
         per format: the file, and the largest absolute difference from the eager network per size.
@@ -149,8 +150,6 @@ def export_bundle(
     if unknown or not formats:
         raise InvalidInputError(f"formats must be among {sorted(FORMATS)}, got {list(formats)}")
     bundle, ckpt = locate_bundle(bundle_dir, checkpoint)
-    trained = trained_settings(read_run_record(ckpt))
-    overrides = {**{k: trained[k] for k in MODEL_SETTINGS if k in trained}, **(overrides or {})}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results = {}

@@ -37,7 +37,7 @@ from ..errors import CheckpointMismatchError, CheckpointReadError, InvalidInputE
 from ..train.checkpoints import load_weights, model_weights
 from ..train.tracking import fail_fast_http, is_outage
 from .staging import (
-    MODEL_SETTINGS,
+    check_staged_bundle,
     evaluation_overrides,
     locate_bundle,
     read_run_record,
@@ -83,6 +83,7 @@ class BundlePyfuncModel(PythonModel):
         from ..train.transforms import SaveMaskd
 
         bundle = Path(context.artifacts["bundle"])
+        check_staged_bundle(bundle)  # its model settings are plain data before MONAI parses them
         parser = ConfigParser()
         parser.read_config(str(bundle / "configs" / "inference.json"))
         parser["bundle_root"] = str(bundle)
@@ -377,8 +378,7 @@ def register_bundle(
         )
     aliases = [_alias(a) for a in aliases]
     check_overrides(overrides)  # a value predict would refuse is refused now, before anything is logged
-    trained = trained_settings(record)
-    overrides = {**{k: trained[k] for k in MODEL_SETTINGS if k in trained}, **(overrides or {})}
+    trained = trained_settings(ckpt, record)
     with tempfile.TemporaryDirectory() as tmp, _tracking(tracking_uri):
         # fails before anything is logged when the checkpoint does not load
         staged, model = _load_staged(bundle, ckpt, overrides or None, Path(tmp), trained)
@@ -490,8 +490,12 @@ def _description(bundle: Path, ckpt: Path, tags: dict[str, str]) -> str:
     return text
 
 
+#: model URIs that name a registry's model or a run's artifact; anything else is a path or a store
+REGISTRY_SCHEMES = ("models:/", "runs:/")
+
+
 def download_registered_bundle(
-    model_uri: str, dest: str | os.PathLike, tracking_uri: str | None = None
+    model_uri: str, dest: str | os.PathLike, tracking_uri: str | None = None, any_uri: bool = False
 ) -> Path:
     """The bundle folder (configs + ``models/model.pt``) of a registered gazemonai model.
 
@@ -499,11 +503,19 @@ def download_registered_bundle(
         model_uri: ``models:/NAME/VERSION``, ``models:/NAME@ALIAS``, ``runs:/RUN_ID/model``, ...
         dest: a folder to download into.
         tracking_uri: the registry's tracking URI (default: ``MLFLOW_TRACKING_URI``).
+        any_uri: also accept URIs other than ``models:/`` and ``runs:/`` (a local folder, ``file:``,
+            ``s3://`` ...), which MLflow reads as paths; refused unless asked for.
 
     Raises:
-        InvalidInputError: the model is not one ``gazemonai register`` logged.
+        InvalidInputError: the model is not one ``gazemonai register`` logged, or its URI is not a
+            registry's and ``any_uri`` is not set.
         TrackingUnavailableError: the tracking server does not answer.
     """
+    if not any_uri and not str(model_uri).startswith(REGISTRY_SCHEMES):
+        raise InvalidInputError(
+            f"model {model_uri!r} is not a registry URI (models:/NAME/VERSION, models:/NAME@ALIAS or "
+            "runs:/RUN_ID/model); MLflow would read it as a path: to load it anyway, add --any-model-uri"
+        )
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         raise InvalidInputError(
@@ -520,6 +532,10 @@ def download_registered_bundle(
     bundle = local / "artifacts" / "bundle"
     if not all((bundle / f).is_file() for f in ("configs/inference.json", "models/model.pt")):
         raise InvalidInputError(f"{model_uri} is not a model gazemonai register logged (no bundle in it)")
+    try:
+        check_staged_bundle(bundle)
+    except InvalidInputError as e:
+        raise InvalidInputError(str(e).replace(str(bundle), model_uri)) from e
     return bundle
 
 
@@ -533,6 +549,7 @@ def run_registered_bundle(
     task: str,
     out: str | os.PathLike,
     tracking_uri: str | None = None,
+    any_uri: bool = False,
     **overrides,
 ) -> Path:
     """Run a registered model's bundle: ``evaluate`` (``train.json`` + ``evaluate.json``) or ``inference``.
@@ -547,6 +564,7 @@ def run_registered_bundle(
         task: ``"evaluate"`` or ``"inference"``.
         out: evaluation: the run folder (``bundle_root``); inference: the mask folder.
         tracking_uri: the registry's tracking URI (default: ``MLFLOW_TRACKING_URI``).
+        any_uri: accept a model URI that is not a registry's (:func:`download_registered_bundle`).
         overrides: bundle values (``dataset_dir``, ``eval_split``, ...).
 
     Returns:
@@ -558,7 +576,7 @@ def run_registered_bundle(
         raise InvalidInputError(f"task must be evaluate or inference, got {task!r}")
     out = Path(out)
     with tempfile.TemporaryDirectory() as tmp:
-        bundle = download_registered_bundle(model_uri, tmp, tracking_uri)
+        bundle = download_registered_bundle(model_uri, tmp, tracking_uri, any_uri)
         configs = bundle / "configs"
         logger.info("running %s of %s (%s)", task, model_uri, bundle)
         if task == "evaluate":
@@ -588,6 +606,7 @@ def bundle_predictor(
     bundle_dir: str | os.PathLike | None = None,
     model_uri: str | None = None,
     tracking_uri: str | None = None,
+    any_uri: bool = False,
 ) -> BundlePyfuncModel:
     """A loaded :class:`BundlePyfuncModel` from a checkpoint and its bundle, or from a registered model.
 
@@ -599,17 +618,16 @@ def bundle_predictor(
         bundle_dir: the checkpoint's bundle, e.g. ``bundles/prostate_gaze``.
         model_uri: a registered model instead (``models:/NAME@ALIAS``).
         tracking_uri: the registry (default ``MLFLOW_TRACKING_URI``).
+        any_uri: accept a model URI that is not a registry's (:func:`download_registered_bundle`).
     """
     dest = Path(dest)
     if model_uri is not None:
-        staged = download_registered_bundle(model_uri, dest, tracking_uri)
+        staged = download_registered_bundle(model_uri, dest, tracking_uri, any_uri)
     elif checkpoint is not None:
         if bundle_dir is None:
             raise InvalidInputError("a checkpoint needs its bundle: give --bundle-dir (bundles/<name>)")
         bundle, ckpt = locate_bundle(bundle_dir, checkpoint)
-        trained = trained_settings(read_run_record(ckpt))
-        overrides = {k: trained[k] for k in MODEL_SETTINGS if k in trained}
-        return _load_staged(bundle, ckpt, overrides or None, dest)[1]
+        return _load_staged(bundle, ckpt, None, dest)[1]  # with the recorded training's model settings
     else:
         raise InvalidInputError("which model? give a checkpoint (--checkpoint, --bundle-dir) or --model")
     model = BundlePyfuncModel()

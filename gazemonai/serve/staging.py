@@ -5,8 +5,10 @@ in ``bundles/<name>/configs``; MONAI Label's ``BundleInferTask`` and the MLflow 
 one folder holding ``configs/`` and ``models/model.pt``. :func:`stage_bundle` makes it, writing the
 values the checkpoint was trained with (``image_size``, ``features``, ...) into ``inference.json``.
 
-This module needs only the standard library (and :mod:`gazemonai.errors`, which does too), so it
-also runs in MONAI Label's own environment.
+The run record and the settings in it are read as checked data (:mod:`gazemonai.train.run_record`),
+and every value written into ``inference.json`` is plain data: nothing read from a file a user was
+handed reaches MONAI's config parser as an expression. This module needs only the standard library
+and the light parts of the package, so it also runs in MONAI Label's own environment.
 """
 
 from __future__ import annotations
@@ -17,9 +19,20 @@ import shutil
 from pathlib import Path
 
 from ..errors import InvalidInputError, MissingInputError
+from ..train.run_record import (
+    MODEL_SETTINGS,
+    RUN_RECORD,
+    SPLIT_SETTINGS,
+    check_plain_data,
+    check_trained_settings,
+    read_run_record,
+    trained_settings,
+)
 
 __all__ = [
     "MODEL_SETTINGS",
+    "RUN_RECORD",
+    "check_staged_bundle",
     "SPLIT_SETTINGS",
     "evaluation_overrides",
     "locate_bundle",
@@ -28,20 +41,11 @@ __all__ = [
     "trained_settings",
 ]
 
-#: the ``inference.json`` values that must match the training for its weights to load and predict
-MODEL_SETTINGS = (
-    "num_levels", "features", "in_channels", "image_size", "prompt_features", "image_normalization",
-    "prompt_stage1_arch",
-)  # fmt: skip
-
-#: the ``train.json`` values that define the validation split (evaluating ``val`` needs the same)
-SPLIT_SETTINGS = ("val_fraction", "seed", "val_group")
-
 #: the training's resolved settings, kept in a staged bundle's ``configs/``
 TRAINING_SETTINGS = "training_settings.json"
 
-#: written by the training next to ``model.pt`` (``MLflowTracking(run_record=...)``)
-RUN_RECORD = "mlflow_run.json"
+#: the bundle's own values of :data:`MODEL_SETTINGS` in ``inference.json``
+MODEL_DEFAULTS = "model_defaults"
 
 
 def locate_bundle(
@@ -78,19 +82,44 @@ def stage_bundle(
 ) -> Path:
     """Write ``dest`` = ``bundle_dir``'s ``configs/`` + ``checkpoint`` as ``models/model.pt``.
 
+    ``inference.json`` gets the values of :data:`MODEL_SETTINGS` as plain literals: the bundle's
+    ``model_defaults``, updated with those the checkpoint's recorded training used
+    (:func:`~gazemonai.train.run_record.trained_settings`, checked), updated with ``overrides``.
+
     Args:
         bundle_dir: the bundle folder (configs).
         dest: the folder to write (replaced if it exists).
         checkpoint: the weights; default ``bundle_dir/models/model.pt``.
-        overrides: top-level ``inference.json`` values to set, e.g. ``{"image_size": [96, 96]}``.
-        training_settings: the settings the checkpoint's training resolved, written to
-            ``configs/training_settings.json`` (evaluating the staged bundle reuses its model and
-            validation-split settings: :func:`evaluation_overrides`).
+        overrides: top-level ``inference.json`` values to set, e.g. ``{"image_size": [96, 96]}``: plain
+            data only (:func:`~gazemonai.train.run_record.check_plain_data`), model settings checked
+            as the bundle checks them.
+        training_settings: the settings the checkpoint's training resolved; their model and
+            validation-split values (checked) are written to ``configs/training_settings.json``
+            (evaluating the staged bundle reuses them: :func:`evaluation_overrides`).
 
     Returns:
         ``dest`` as a path.
+
+    Raises:
+        InvalidInputError: an override that is not a key of ``inference.json`` or not plain data, a
+            bad model setting, or a bad run record beside the checkpoint.
     """
     bundle, ckpt = locate_bundle(bundle_dir, checkpoint)
+    overrides = dict(overrides or {})
+    for key, value in overrides.items():
+        check_plain_data(value, f"override {key}")
+    check_trained_settings({k: v for k, v in overrides.items() if k in MODEL_SETTINGS}, "overrides")
+    trained = trained_settings(ckpt)
+    config = json.loads((bundle / "configs" / "inference.json").read_text(encoding="utf-8"))
+    unknown = sorted(set(overrides) - set(config))
+    if unknown:
+        raise InvalidInputError(f"overrides {unknown} are not keys of {bundle}/configs/inference.json")
+    defaults = config.get(MODEL_DEFAULTS) or {k: config[k] for k in MODEL_SETTINGS if k in config}
+    model = {k: v for k, v in {**defaults, **trained}.items() if k in MODEL_SETTINGS and k in config}
+    config.update({**model, **overrides})
+    check_trained_settings({k: config[k] for k in MODEL_SETTINGS if k in config}, "the staged inference.json")
+    if training_settings is not None:
+        training_settings = check_trained_settings(training_settings, "training settings")
     dest = Path(dest)
     if dest.exists():
         shutil.rmtree(dest)
@@ -103,25 +132,40 @@ def stage_bundle(
             shutil.copytree(src, dest / extra)
     (dest / "models").mkdir(parents=True)
     shutil.copy2(ckpt, dest / "models" / "model.pt")
-    if overrides:
-        path = dest / "configs" / "inference.json"
-        config = json.loads(path.read_text())
-        unknown = sorted(set(overrides) - set(config))
-        if unknown:
-            raise InvalidInputError(f"overrides {unknown} are not keys of {bundle}/configs/inference.json")
-        config.update(overrides)
-        path.write_text(json.dumps(config, indent=4) + "\n")
+    (dest / "configs" / "inference.json").write_text(json.dumps(config, indent=4) + "\n")
     if training_settings:
         (dest / "configs" / TRAINING_SETTINGS).write_text(json.dumps(training_settings, indent=2) + "\n")
     return dest
+
+
+def check_staged_bundle(staged: str | os.PathLike) -> None:
+    """Refuse a staged or downloaded bundle whose model or split settings are not plain, valid data.
+
+    What :func:`stage_bundle` writes always passes; a registered model staged from a crafted run
+    record by an older version, or edited in the store, does not reach MONAI's config parser.
+
+    Raises:
+        InvalidInputError: naming the file and the setting.
+    """
+    configs = Path(staged) / "configs"
+    path = configs / "inference.json"
+    inference = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(inference, dict):
+        raise InvalidInputError(f"{path}: not a JSON object")
+    check_trained_settings({k: inference[k] for k in MODEL_SETTINGS if k in inference}, str(path))
+    settings = configs / TRAINING_SETTINGS
+    if settings.exists():
+        check_trained_settings(json.loads(settings.read_text(encoding="utf-8")), str(settings))
 
 
 def evaluation_overrides(staged: str | os.PathLike) -> dict:
     """``train.json`` + ``evaluate.json`` overrides that evaluate a staged bundle as it was trained.
 
     The model settings come from the staged ``inference.json`` (what the checkpoint loads with), the
-    validation split's from ``configs/training_settings.json`` when the training was recorded.
+    validation split's from ``configs/training_settings.json`` when the training was recorded; both
+    checked (:func:`check_staged_bundle`), as they become overrides MONAI's parser reads.
     """
+    check_staged_bundle(staged)
     configs = Path(staged) / "configs"
     inference = json.loads((configs / "inference.json").read_text(encoding="utf-8"))
     overrides = {k: inference[k] for k in MODEL_SETTINGS if k in inference}
@@ -131,38 +175,3 @@ def evaluation_overrides(staged: str | os.PathLike) -> dict:
         settings = json.loads(path.read_text(encoding="utf-8"))
         overrides.update({k: settings[k] for k in SPLIT_SETTINGS if k in settings and k in train})
     return overrides
-
-
-def read_run_record(checkpoint: str | os.PathLike) -> dict | None:
-    """The MLflow run that trained ``checkpoint``: ``models/mlflow_run.json`` beside it, if any.
-
-    Returns:
-        ``{"tracking_uri", "experiment_name", "run_name", "run_id", "config_dir"}`` or ``None`` for a
-        checkpoint trained without one (older versions, other tools).
-
-    Raises:
-        InvalidInputError: the record exists but is not such a JSON object.
-    """
-    path = Path(checkpoint).parent / RUN_RECORD
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidInputError(f"{path}: not a JSON run record ({e})") from e
-    missing = [k for k in ("tracking_uri", "run_id") if not isinstance(record, dict) or not record.get(k)]
-    if missing:
-        raise InvalidInputError(f"{path}: run record without {', '.join(missing)}")
-    return record
-
-
-def trained_settings(record: dict | None) -> dict:
-    """Every setting the recorded training resolved (``{}`` when not recorded)."""
-    if not record or not record.get("config_dir"):
-        return {}
-    path = Path(record["config_dir"]) / "resolved_settings.json"
-    try:
-        settings = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return {}
-    return settings if isinstance(settings, dict) else {}

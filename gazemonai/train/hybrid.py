@@ -166,15 +166,31 @@ class DynamicInstanceIndicator(nn.Module):
         lr: step of ``gamma_k += lr * cos(g_S, g_k)``.
         momentum: of the running mean of the strong instances' normalised gradients.
         enabled: ``False`` keeps every weight at 1 (the "without DII" ablation).
+        strong: per instance, whether it is a full-mask (strong) image (the datalist's ``strong``);
+            instances seen as strong in a batch are marked too. The strong images' weights stay 1 and
+            are left out of :meth:`weak_mean`.
     """
 
-    def __init__(self, num_instances: int, lr: float = 0.005, momentum: float = 0.9, enabled: bool = True):
+    def __init__(
+        self,
+        num_instances: int,
+        lr: float = 0.005,
+        momentum: float = 0.9,
+        enabled: bool = True,
+        strong: Sequence[bool] | None = None,
+    ):
         super().__init__()
         if int(num_instances) < 1:
             raise InvalidInputError(f"num_instances must be >= 1, got {num_instances}")
         if not lr >= 0 or not 0 <= momentum < 1:
             raise InvalidInputError(f"dii lr must be >= 0 and momentum in [0, 1), got {lr}, {momentum}")
+        if strong is not None and len(strong) != int(num_instances):
+            raise InvalidInputError(f"strong has {len(strong)} flags for {num_instances} instances")
         self.lr, self.momentum, self.enabled = float(lr), float(momentum), bool(enabled)
+        # not a buffer: it follows from the datalist, and checkpoints of earlier versions lack it
+        self.strong = torch.zeros(int(num_instances), dtype=torch.bool)
+        if strong is not None:
+            self.strong[:] = torch.as_tensor([bool(f) for f in strong])
         self.register_buffer("weights", torch.ones(int(num_instances)))
         self.register_buffer("strong_direction", torch.zeros(0))
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
@@ -191,8 +207,21 @@ class DynamicInstanceIndicator(nn.Module):
         return self.weights[index.to(self.weights.device).long()]
 
     @torch.no_grad()
+    def mark_strong(self, index: Tensor, strong: Tensor) -> None:
+        """Record which of the instances ``index`` are strong (``strong`` (B,) flags)."""
+        index = torch.as_tensor(index).as_subclass(torch.Tensor).long().reshape(-1).cpu()
+        strong = torch.as_tensor(strong).as_subclass(torch.Tensor).bool().reshape(-1).cpu()
+        self.strong[index[strong]] = True
+
+    def weak_mean(self) -> Tensor:
+        """The mean weight of the weakly-labelled instances (the strong ones' fixed 1 left out)."""
+        weak = ~self.strong.to(self.weights.device)
+        return (self.weights[weak] if weak.any() else self.weights).mean()
+
+    @torch.no_grad()
     def update(self, index: Tensor, strong: Tensor, grads: Tensor) -> None:
         """One DII step from a batch: ``grads`` (B, D) per-instance gradients, ``strong`` (B,) flags."""
+        self.mark_strong(index, strong)
         if not self.enabled:
             return
         # plain tensors: a MetaTensor's class would end up in the checkpoint (not loadable as weights)
@@ -318,6 +347,7 @@ class HybridLoss(nn.Module):
         n = len(levels)
         if target.shape[1] not in (1, n):
             raise InvalidInputError(f"{n} networks but the target has {target.shape[1]} channels")
+        self.indicator.mark_strong(y["index"], y["strong"])
         strong = y["strong"].to(levels[0].device).float().reshape(-1)
         weak = 1 - strong
         gamma = self.indicator(y["index"]).to(levels[0].device)
@@ -345,7 +375,7 @@ class HybridLoss(nn.Module):
         with torch.no_grad():
             out = detached_terms(self._parts(y_pred, y))
             out["total"] = sum(out.values())
-            out["dii_mean"] = self.indicator.weights.mean().detach()
+            out["dii_mean"] = self.indicator.weak_mean().detach()
         return out
 
 
@@ -373,7 +403,8 @@ class DIIUpdate:
 
     def __call__(self, engine: Engine) -> None:
         loss = self.loss_function
-        loss.step()
+        # the engine's clock, not a count of calls: a resumed run goes on from its checkpoint's iteration
+        loss.iteration = int(engine.state.iteration)
         if not loss.indicator.enabled or engine.state.iteration % self.interval:
             return
         out = engine.state.output

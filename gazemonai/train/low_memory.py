@@ -239,6 +239,13 @@ class LevelwiseTrainStep:
             )
         if self.step_in_backward:
             _check_per_parameter(engine.optimizer)
+            prompt = getattr(engine.network, "prompt", None)
+            if isinstance(prompt, torch.nn.Module) and any(p.requires_grad for p in prompt.parameters()):
+                raise InvalidInputError(
+                    "step_in_backward would step the prompt network, which every level shares, once per "
+                    "level with that level's gradient only (not the joint step): set freeze_prompt true "
+                    "or step_in_backward false"
+                )
             readers = _handlers(engine, IterationEvents.BACKWARD_COMPLETED)
             if readers:
                 raise InvalidInputError(

@@ -40,13 +40,10 @@ __all__ = [
     "feature_propagation",
     "feature_propagation_unfold",
     "PAPER_FEATURES",
-    "CPU_FEATURES",
 ]
 
 #: BasicUNet widths of the paper (the last is the decoder's output width).
 PAPER_FEATURES = (64, 128, 256, 512, 1024, 128)
-#: Slim widths for training on a CPU.
-CPU_FEATURES = (16, 32, 64, 128, 256, 32)
 #: BasicUNet's four poolings: :class:`MultiLevelNet` pads its input's sides to a multiple of this
 MULTIPLE = 16
 

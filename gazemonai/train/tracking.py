@@ -36,6 +36,7 @@ from monai.handlers import MLFlowHandler
 from monai.utils import flatten_dict, path_to_sqlite_uri
 
 from gazemonai.train.provenance import write_run_config
+from gazemonai.train.run_record import MODEL_SETTINGS, SPLIT_SETTINGS, check_trained_settings, inside
 
 __all__ = ["MLflowTracking", "fail_fast_http", "is_outage", "FAIL_FAST"]
 
@@ -99,13 +100,31 @@ class _Journal:
         self.offline_since: float | None = None
         self.last_try = 0.0
         self.warned = False
+        if path.is_symlink():  # appending would write wherever it points
+            from gazemonai.errors import InvalidInputError
+
+            raise InvalidInputError(f"MLflow journal {path} is a symlink (to {path.resolve()}): refused")
         if path.is_file():
+            rejected = []
             with open(path) as f:
-                for line in f:
+                for number, line in enumerate(f, 1):
                     try:
-                        self.records.append(json.loads(line))
+                        record = json.loads(line)
                     except json.JSONDecodeError:  # the last line of a killed run may be cut short
                         logger.warning("%s: skipped a cut-off line", path)
+                        continue
+                    problem = _record_problem(record, path.parent)
+                    if problem:
+                        logger.warning(
+                            "%s line %d: %s: not sent, kept in %s.rejected", path, number, problem, path
+                        )
+                        rejected.append(line if line.endswith("\n") else line + "\n")
+                    else:
+                        self.records.append(record)
+            if rejected:
+                with open(path.with_name(path.name + ".rejected"), "a") as f:
+                    f.writelines(rejected)
+                logger.warning("%s: %d records refused", path, len(rejected))
             if self.records:
                 logger.info(
                     "%d MLflow records an earlier run left in %s will be sent", len(self.records), path
@@ -244,11 +263,26 @@ class MLflowTracking(MLFlowHandler):
             "run_name": self.run_name,
             "run_id": run_id,
             "config_dir": str(self.config_dir) if self._config_logged else None,
+            "settings": self._model_settings(),
         }
         self.run_record.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.run_record.with_name(self.run_record.name + ".tmp")
         tmp.write_text(json.dumps(record, indent=2))
         os.replace(tmp, self.run_record)
+
+    def _model_settings(self) -> dict | None:
+        """The model and split settings this run resolved (what inference needs), checked; ``None`` if
+        the run's config was not recorded."""
+        path = self.config_dir / "resolved_settings.json"
+        if not self._config_logged or not path.is_file():
+            return None
+        resolved = json.loads(path.read_text(encoding="utf-8"))
+        wanted = {k: resolved[k] for k in (*MODEL_SETTINGS, *SPLIT_SETTINGS) if k in resolved}
+        try:
+            return check_trained_settings(wanted, str(path))
+        except ValueError as e:  # not a reason to stop a training: serving will ask for the settings
+            logger.warning("model settings not recorded in %s: %s", self.run_record, e)
+            return None
 
     def _parse_artifacts(self):
         for path in self.artifacts:
@@ -493,6 +527,52 @@ class MLflowTracking(MLFlowHandler):
 
     def _may_try(self) -> bool:
         return time.monotonic() - self.journal.last_try >= self.retry_seconds
+
+
+def _record_problem(record, folder: Path) -> str | None:
+    """What is wrong with a journal record read back from ``folder`` (``None``: nothing).
+
+    The journal is a file in the run's output folder, which may have been handed over with it: a
+    record is sent only if it is one this handler writes, and an artifact only from ``folder``.
+    """
+    from numbers import Integral, Real
+
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    op = record.get("op")
+    if op not in ("params", "metrics", "artifact"):
+        return f"unknown op {op!r}"
+    if not isinstance(record.get("experiment"), str) or not isinstance(record.get("run"), (str, type(None))):
+        return "experiment and run must be names"
+    if "local" in record and not isinstance(record["local"], bool):
+        return "local must be true or false"
+    if op == "params":
+        params = record.get("params")
+        if not isinstance(params, dict) or not all(isinstance(v, str) for v in params.values()):
+            return "params must map names to strings"
+    elif op == "metrics":
+        metrics = record.get("metrics")
+        if not isinstance(metrics, dict) or not all(
+            isinstance(v, Real) and not isinstance(v, bool) for v in metrics.values()
+        ):
+            return "metrics must map names to numbers"
+        for key in ("step", "time"):
+            value = record.get(key)
+            if not isinstance(value, Integral) or isinstance(value, bool) or value < 0:
+                return f"{key} must be an integer >= 0"
+    else:
+        path, artifact_path = record.get("path"), record.get("artifact_path")
+        if not isinstance(path, str) or not path:
+            return "artifact path must be a file name"
+        if not inside(path, folder):
+            return f"artifact {path} is outside the run's folder {folder}"
+        if artifact_path is not None and (
+            not isinstance(artifact_path, str)
+            or artifact_path.startswith("/")
+            or ".." in artifact_path.split("/")
+        ):
+            return f"artifact_path {artifact_path!r} must be a relative folder name"
+    return None
 
 
 def _apply(client, run_id: str, record: dict) -> None:

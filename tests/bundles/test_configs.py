@@ -182,3 +182,30 @@ def test_a_bundle_folder_without_the_package_says_what_to_install(name, configs,
     assert last.startswith(f"{name} needs the Python package gazemonai {version['gazemonai']}"), last
     assert f"pip install gazemonai=={version['gazemonai']}" in last
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("name", ["kvasir_gaze", "prostate_gaze"])
+def test_validation_reads_no_gaze(name, synthetic_root, tmp_path):
+    """Validation scores against masks: a validation image without gaze does not stop the training, and
+    no heatmap or CRF is computed for validation images (issue #26)."""
+    import csv
+
+    from monai.bundle import ConfigParser
+
+    from gazemonai.train.datalists import split_datalist
+
+    val_ids = {item["id"] for item in split_datalist(synthetic_root, "val", None, 0.5, 0)}
+    rows = list(csv.DictReader(open(synthetic_root / "gaze.csv", newline="")))
+    gaze = tmp_path / "gaze.csv"
+    with open(gaze, "w", newline="") as f:  # the validation images' fixations removed
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(r for r in rows if r["IMAGE"].rsplit(".", 1)[0] not in val_ids)
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "bundles" / name / "configs" / "train.json"))
+    data = {"dataset_dir": str(synthetic_root), "gaze_csv": str(gaze)}
+    parser.update({**data, "val_fraction": 0.5, "val_group": None, "batch_size": 1})
+    items = parser.get_parsed_content("validate#datalist")
+    assert {item["id"] for item in items} == val_ids and val_ids
+    assert all("fixations" not in item for item in items)  # GazeHeatmapd and the CRF skip them
+    assert all(len(item["fixations"]) for item in parser.get_parsed_content("train#datalist"))

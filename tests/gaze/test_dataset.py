@@ -82,3 +82,23 @@ def test_workers_started_another_way_live_while_the_run_does_and_end_with_it(met
         assert not any(_alive(w) for w in workers)
     finally:
         _reap(workers)
+
+
+def test_a_symlinked_records_file_is_refused_and_foreign_lines_are_redone(synthetic_root, tmp_path):
+    """``records.jsonl`` is read back from the output folder: never appended through a link, and a line
+    that is not a record does not stop the run (issue #26, kind 1)."""
+    from gazemonai.errors import InvalidInputError
+    from gazemonai.gaze.dataset import run_pseudo_masks
+
+    target = tmp_path / "profile"
+    target.write_text("# someone's file\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "records.jsonl").symlink_to(target)
+    with pytest.raises(InvalidInputError, match="symlink"):
+        run_pseudo_masks(synthetic_root, synthetic_root / "gaze.csv", out, limit=1, workers=1)
+    assert target.read_text() == "# someone's file\n"
+    (out / "records.jsonl").unlink()
+    (out / "records.jsonl").write_text('[1, 2]\n{"no": "id"}\n')
+    summary = run_pseudo_masks(synthetic_root, synthetic_root / "gaze.csv", out, limit=1, workers=1)
+    assert summary["done"] == 1 and summary["failed"] == 0, summary

@@ -20,8 +20,12 @@ def test_stage_writes_configs_checkpoint_and_overrides(kvasir_checkpoint, tmp_pa
     inference = json.loads((dest / "configs" / "inference.json").read_text())
     assert inference["image_size"] == [96, 96] and inference["features"] == [8] * 6
     original = json.loads((BUNDLE / "configs" / "inference.json").read_text())
-    assert {k: v for k, v in inference.items() if k not in ("image_size", "features")} == {
-        k: v for k, v in original.items() if k not in ("image_size", "features")
+    # every model setting is written as a plain value: the overrides, else the bundle's defaults
+    model = ("num_levels", "features", "in_channels", "image_size", "prompt_features")
+    expected = {**original["model_defaults"], "image_size": [96, 96], "features": [8] * 6}
+    assert {k: inference[k] for k in model} == expected
+    assert {k: v for k, v in inference.items() if k not in model} == {
+        k: v for k, v in original.items() if k not in model
     }
     assert (dest / "LICENSE").is_file() and (dest / "docs" / "README.md").is_file()
     assert sorted(p.name for p in (dest / "configs").iterdir()) == sorted(

@@ -26,6 +26,19 @@ def test_autocast_inferer_returns_float32_close_to_fp32():
     assert out.dtype == torch.float32 and train["prop_logits"][0].dtype == torch.float32
     assert (out - ref).abs().max() < 0.1 * ref.abs().max() + 0.05
     assert torch.equal(AutocastInferer(None)(x, net), net(x))
+    # the convolutions really ran in bfloat16 (an inferer that skipped autocast passes the lines above)
+    dtypes = []
+    hooks = [m.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype)) for m in net.modules()
+             if isinstance(m, torch.nn.Conv2d)]  # fmt: skip
+    with torch.no_grad():
+        AutocastInferer("bfloat16")(x, net)
+        assert dtypes and set(dtypes) == {torch.bfloat16}
+        dtypes.clear()
+        AutocastInferer(None)(x, net)
+        assert set(dtypes) == {torch.float32}
+    for hook in hooks:
+        hook.remove()
+    assert not torch.equal(out, ref)
 
 
 def test_train_iteration_rejects_unknown_steps():

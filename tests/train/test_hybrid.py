@@ -125,7 +125,8 @@ def test_hybrid_loss_against_hand_computed_values_and_the_networks_exchange_targ
     assert torch.allclose(terms["dcr_1"], dcr1, atol=1e-5) and torch.allclose(
         terms["supervised_2"], sup2, atol=1e-5
     )
-    assert math.isclose(float(terms["dii_mean"]), (4 + 0.25) / 5, rel_tol=1e-6)
+    # the mean of the weak instances' weights: instance 0 is strong (seen so in the batch), its 1 left out
+    assert math.isclose(float(terms["dii_mean"]), (3 + 0.25) / 4, rel_tol=1e-6)
 
     # network 1's co-regularisation term reads network 2's prediction, and sends it no gradient
     parts = loss._parts({"level_logits": [z1, z2]}, y)
@@ -212,6 +213,30 @@ def test_co_regularisation_ramps_up():
         loss.step()
     assert loss.ramp() == 3.0
     assert HybridLoss(DynamicInstanceIndicator(1), dcr=False).ramp() == 0.0
+
+
+def test_dii_mean_is_the_weak_images_mean_weight():
+    """Strong images keep weight 1; averaging them in overstated the weak weights (issue #26)."""
+    indicator = DynamicInstanceIndicator(num_instances=4, strong=[True, True, False, False])
+    indicator.weights[2:] = torch.tensor([0.2, 0.4])
+    loss = HybridLoss(indicator, dcr=False)
+    y = {"target": torch.zeros(1, 1, 2, 2), "strong": torch.tensor([0]), "index": torch.tensor([2])}
+    terms = loss.terms({"level_logits": [torch.zeros(1, 1, 2, 2)]}, y)
+    assert math.isclose(float(terms["dii_mean"]), 0.3, rel_tol=1e-6)  # not (1 + 1 + 0.2 + 0.4) / 4
+    with pytest.raises(InvalidInputError, match="3 flags for 4"):
+        DynamicInstanceIndicator(num_instances=4, strong=[True, False, False])
+
+
+def test_a_resumed_run_goes_on_with_the_ramp_where_it_was():
+    """The DCR ramp follows the trainer's iteration, which a resume restores: it does not start over."""
+    from ignite.engine import Engine
+
+    loss = HybridLoss(DynamicInstanceIndicator(2, enabled=False), dcr_weight=3.0, ramp_iterations=100)
+    engine = Engine(lambda e, b: None)
+    engine.state.iteration = 50  # as CheckpointLoader leaves a trainer resumed at iteration 50
+    DIIUpdate(loss)(engine)
+    assert loss.iteration == 50
+    assert math.isclose(loss.ramp(), 3.0 * math.exp(-5 * 0.25), rel_tol=1e-9)
 
 
 def test_the_weights_are_saved_and_restored_with_the_checkpoint():

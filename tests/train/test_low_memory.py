@@ -278,3 +278,17 @@ def test_step_in_backward_refuses_gradient_readers_and_other_optimizers():
     lbfgs = torch.optim.LBFGS(net.parameters())
     with pytest.raises(ValueError, match="LBFGS is not one of them"):
         StepInBackward.attach(lbfgs)
+
+
+def test_step_in_backward_refuses_an_unfrozen_prompt():
+    """The levels share the prompt network: stepping it in each level's backward is not the joint step."""
+    from gazemonai.train.engine import train_iteration
+
+    prompt = (4, 4, 8, 8, 8)
+    net = MultiLevelNet(2, features=(4, 4, 8, 8, 8, 4), prompt_features=prompt, freeze_prompt=False)
+    before = [p.detach().clone() for p in net.parameters()]
+    with pytest.raises(ValueError, match="freeze_prompt true or step_in_backward false"):
+        _tiny_trainer(net, train_iteration("levelwise", step_in_backward=True)).run()
+    assert all(torch.equal(b, p) for b, p in zip(before, net.parameters()))  # refused before any update
+    frozen = MultiLevelNet(2, features=(4, 4, 8, 8, 8, 4), prompt_features=prompt, freeze_prompt=True)
+    _tiny_trainer(frozen, train_iteration("levelwise", step_in_backward=True)).run()  # allowed

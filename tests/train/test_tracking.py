@@ -177,3 +177,47 @@ def test_a_training_started_from_scratch_gets_a_new_run(tmp_path):
         assert [m.value for m in client.get_metric_history(new.info.run_id, "loss")] == [11.0, 12.0]
     finally:
         _stop(server)
+
+
+def test_a_crafted_journal_record_copies_nothing_from_outside_the_run_folder(tmp_path, monkeypatch, caplog):
+    """A journal handed over with a run folder: its artifact records may name only the folder's files."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)  # the SQLite store keeps artifacts under the working folder
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    secret = tmp_path / "secret.txt"
+    secret.write_text("private key")
+    own = outputs / "metrics.json"
+    own.write_text("{}")
+    journal = outputs / "mlflow_pending.jsonl"
+    records = [
+        {"op": "artifact", "experiment": "e", "run": "r", "path": str(secret)},
+        {"op": "artifact", "experiment": "e", "run": "r", "path": str(outputs / ".." / "secret.txt")},
+        {"op": "artifact", "experiment": "e", "run": "r", "path": str(own), "artifact_path": "../../x"},
+        {"op": "params", "experiment": "e", "run": "r", "params": {"a": {"_target_": "os.system"}}},
+        {"op": "shell", "experiment": "e", "run": "r"},
+        {"op": "artifact", "experiment": "e", "run": "r", "path": str(own)},
+    ]
+    journal.write_text("".join(json.dumps(r) + "\n" for r in records))
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    with caplog.at_level(logging.WARNING, logger="gazemonai.train.tracking"):
+        _trainer(uri, journal, epochs=1, iterations=1)
+    run, _ = _history(uri)
+    logged = sorted(a.path for a in MlflowClient(tracking_uri=uri).list_artifacts(run.info.run_id))
+    assert logged == ["metrics.json"]
+    assert "5 records refused" in caplog.text and "outside the run's folder" in caplog.text
+    assert len((outputs / "mlflow_pending.jsonl.rejected").read_text().splitlines()) == 5  # kept, not lost
+
+
+def test_a_symlinked_journal_is_refused(tmp_path):
+    from gazemonai.errors import InvalidInputError
+
+    target = tmp_path / "profile"
+    target.write_text("# someone's shell profile\n")
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / "outputs" / "j.jsonl").symlink_to(target)
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    with pytest.raises(InvalidInputError, match="symlink"):
+        _trainer(uri, tmp_path / "outputs" / "j.jsonl", epochs=1, iterations=1)
+    assert target.read_text() == "# someone's shell profile\n"
