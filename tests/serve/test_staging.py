@@ -6,7 +6,7 @@ import pytest
 from helpers import ROOT
 
 from gazemonai.errors import InvalidInputError, MissingInputError
-from gazemonai.serve.staging import locate_bundle, stage_bundle
+from gazemonai.serve.staging import MODEL_SETTINGS, locate_bundle, stage_bundle
 
 BUNDLE = ROOT / "bundles" / "kvasir_gaze"
 
@@ -21,7 +21,7 @@ def test_stage_writes_configs_checkpoint_and_overrides(kvasir_checkpoint, tmp_pa
     assert inference["image_size"] == [96, 96] and inference["features"] == [8] * 6
     original = json.loads((BUNDLE / "configs" / "inference.json").read_text())
     # every model setting is written as a plain value: the overrides, else the bundle's defaults
-    model = ("num_levels", "features", "in_channels", "image_size", "prompt_features")
+    model = MODEL_SETTINGS
     expected = {**original["model_defaults"], "image_size": [96, 96], "features": [8] * 6}
     assert {k: inference[k] for k in model} == expected
     assert {k: v for k, v in inference.items() if k not in model} == {
