@@ -37,7 +37,7 @@ from monai.utils import flatten_dict, path_to_sqlite_uri
 
 from gazemonai.train.provenance import write_run_config
 
-__all__ = ["MLflowTracking", "fail_fast_http", "is_outage", "FAIL_FAST"]
+__all__ = ["MLflowTracking", "fail_fast_http", "is_outage", "FAIL_FAST", "sqlite_artifact_location"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,23 @@ def is_outage(error: BaseException) -> bool:
             return True
         e = e.__cause__ or e.__context__
     return False
+
+
+def sqlite_artifact_location(tracking_uri: str) -> str | None:
+    """``<database folder>/mlruns`` as a ``file://`` URI for a ``sqlite:///`` tracking URI, else ``None``.
+
+    The database path in the URI is percent-encoded (``monai.utils.path_to_sqlite_uri``; SQLAlchemy
+    decodes it): decoded here, so a folder with a space, ``?``, ``%`` or non-ASCII letters gets its
+    artifacts beside the database. MONAI's ``MLFlowHandler`` took the encoded text as the folder's name
+    and so wrote them into ``./r%20o/...`` under the current folder.
+    """
+    from urllib.parse import unquote
+
+    from monai.utils import path_to_uri
+
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return path_to_uri(Path(unquote(tracking_uri[len("sqlite:///") :])).parent / "mlruns")
 
 
 def _short(error: BaseException) -> str:
@@ -167,6 +184,9 @@ class MLflowTracking(MLFlowHandler):
     ) -> None:
         fail_fast_http()
         super().__init__(*args, **kwargs)
+        if kwargs.get("artifact_location") is None:  # MONAI's default, without its double encoding
+            uri = os.environ.get("MLFLOW_TRACKING_URI") or kwargs.get("tracking_uri") or ""
+            self.artifact_location = sqlite_artifact_location(uri) or self.artifact_location
         self.pending_path = Path(pending_path)
         self.fallback_uri = fallback_uri or path_to_sqlite_uri(
             str(self.pending_path.resolve().parent / "mlruns.db")
