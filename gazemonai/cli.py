@@ -401,6 +401,7 @@ def evaluate(
         override: more bundle values, e.g. "{'num_workers': 0, 'eval_limit': 10}".
     """
     from .serve.registry import run_registered_bundle
+    from .train.settings import config_path
 
     model = _text_option("model", model, False)
     overrides = {
@@ -408,6 +409,8 @@ def evaluate(
         "dataset_dir": _input_folder("dataset_dir", dataset_dir),
         "eval_split": _text_option("eval_split", eval_split, False),
     }
+    config_path("--dataset-dir", overrides["dataset_dir"])  # '#' refused before the folder is made
+    config_path("--out", _text_option("out", out, False))
     out = _output_folder("out", out, inputs={"dataset_dir": overrides["dataset_dir"]})
     metrics = run_registered_bundle(
         model, "evaluate", out, tracking_uri=_text_option("tracking_uri", tracking_uri), **overrides
@@ -428,9 +431,12 @@ def predict(model: str, images: str, out: str, tracking_uri: str | None = None, 
         override: more inference.json values, e.g. "{'device': 'cpu'}".
     """
     from .serve.registry import run_registered_bundle
+    from .train.settings import config_path
 
     model = _text_option("model", model, False)
     overrides = {**_dict_option("override", override), "dataset_dir": _input_folder("images", images)}
+    config_path("--images", overrides["dataset_dir"])  # '#' refused before the folder is made
+    config_path("--out", _text_option("out", out, False))
     out = _output_folder("out", out, inputs={"images": overrides["dataset_dir"]})
     folder = run_registered_bundle(
         model, "inference", out, tracking_uri=_text_option("tracking_uri", tracking_uri), **overrides
