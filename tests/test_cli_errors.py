@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import cli, free_port, wait_http
+from helpers import ROOT, cli, free_port, wait_http
 
 
 def _one_line(p, words):
@@ -187,3 +187,13 @@ def test_a_path_for_a_bundle_config_is_made_absolute():
 
     for name in ("@out", "$out", "%out", "out dir é?%20"):
         assert config_path("--out", name) == os.path.join(os.getcwd(), name)
+
+
+def test_a_raw_question_mark_in_a_sqlite_tracking_uri_is_refused(kvasir_checkpoint, tmp_path):
+    """SQLAlchemy ends the database name at '?': the store would be tmp/t, the artifacts in tmp/t?r (#26)."""
+    (tmp_path / "t?r").mkdir()
+    p = cli("register", "--bundle-dir", ROOT / "bundles" / "kvasir_gaze", "--checkpoint", kvasir_checkpoint,
+            "--name", "m", "--tracking-uri", f"sqlite:///{tmp_path / 't?r' / 'm.db'}")  # fmt: skip
+    last = _one_line(p, "a '?' in a sqlite path ends the database's name")
+    assert "t%3Fr/m.db" in last
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t?r"] and not any((tmp_path / "t?r").iterdir())

@@ -36,7 +36,7 @@ except ImportError as e:  # pragma: no cover
 from ..errors import CheckpointMismatchError, CheckpointReadError, InvalidInputError, TrackingUnavailableError
 from ..train.checkpoints import load_weights
 from ..train.settings import config_path
-from ..train.tracking import fail_fast_http, is_outage, sqlite_artifact_location
+from ..train.tracking import check_sqlite_uri, fail_fast_http, is_outage, sqlite_artifact_location
 from .staging import (
     MODEL_SETTINGS,
     evaluation_overrides,
@@ -276,6 +276,7 @@ def _reachable(uri: str) -> None:
     """
     if uri.startswith(("http://", "https://")):
         fail_fast_http()
+    check_sqlite_uri(uri)
     try:
         mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     except Exception as e:
