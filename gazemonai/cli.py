@@ -404,6 +404,7 @@ def evaluate(
         any_model_uri: accept a MODEL that is not a registry URI (a folder, file:, s3://...).
     """
     from .serve.registry import run_registered_bundle
+    from .train.settings import config_path
 
     model = _text_option("model", model, False)
     overrides = {
@@ -411,6 +412,8 @@ def evaluate(
         "dataset_dir": _input_folder("dataset_dir", dataset_dir),
         "eval_split": _text_option("eval_split", eval_split, False),
     }
+    config_path("--dataset-dir", overrides["dataset_dir"])  # '#' refused before the folder is made
+    config_path("--out", _text_option("out", out, False))
     out = _output_folder("out", out, inputs={"dataset_dir": overrides["dataset_dir"]})
     metrics = run_registered_bundle(
         model, "evaluate", out, tracking_uri=_text_option("tracking_uri", tracking_uri),
@@ -440,9 +443,12 @@ def predict(
         any_model_uri: accept a MODEL that is not a registry URI (a folder, file:, s3://...).
     """
     from .serve.registry import run_registered_bundle
+    from .train.settings import config_path
 
     model = _text_option("model", model, False)
     overrides = {**_dict_option("override", override), "dataset_dir": _input_folder("images", images)}
+    config_path("--images", overrides["dataset_dir"])  # '#' refused before the folder is made
+    config_path("--out", _text_option("out", out, False))
     out = _output_folder("out", out, inputs={"images": overrides["dataset_dir"]})
     folder = run_registered_bundle(
         model, "inference", out, tracking_uri=_text_option("tracking_uri", tracking_uri),

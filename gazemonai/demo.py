@@ -28,6 +28,11 @@ BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "kvasir_gaze" / "conf
 def run_bundle(out: Path, data: Path, gaze_csv: Path, epochs: int) -> dict:
     from monai.bundle import run
 
+    from .train.settings import config_path
+
+    out, data, gaze_csv = (
+        Path(config_path(n, p)) for n, p in (("--out", out), ("data", data), ("gaze CSV", gaze_csv))
+    )
     common = {
         "bundle_root": str(out / "bundle"),
         "dataset_dir": str(data),

@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import cli, free_port, wait_http
+from helpers import ROOT, cli, free_port, wait_http
 
 
 def _one_line(p, words):
@@ -164,3 +164,36 @@ def test_register_refuses_an_override_that_predict_would(kvasir_checkpoint, tmp_
             "--name", "m", "--tracking-uri", store, "--override", override)  # fmt: skip
     _one_line(p, words)
     assert not (tmp_path / "r.db").exists()  # nothing logged
+
+
+@pytest.mark.parametrize("flag", ["--out", "--images"])
+def test_predict_refuses_a_hash_in_a_path_before_any_work(tmp_path, flag):
+    """A '#' would reach MONAI's config parser, which turns it into '::' (#26 kind 5)."""
+    images = tmp_path / ("ima#ges" if flag == "--images" else "images")
+    images.mkdir()
+    out = tmp_path / ("o#ut" if flag == "--out" else "out")
+    p = cli("predict", "--model", "models:/m@champion", "--images", images, "--out", out,
+            "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}")  # fmt: skip
+    last = _one_line(p, f"{flag} ")
+    assert "'#'" in last and not out.exists() and not (tmp_path / "none.db").exists()
+
+
+def test_a_path_for_a_bundle_config_is_made_absolute():
+    """A leading '@', '$' or '%' is a reference, an expression or a macro to MONAI's parser: a relative
+    path starting with one is handed over as an absolute path (data, never an expression)."""
+    import os
+
+    from gazemonai.train.settings import config_path
+
+    for name in ("@out", "$out", "%out", "out dir é?%20"):
+        assert config_path("--out", name) == os.path.join(os.getcwd(), name)
+
+
+def test_a_raw_question_mark_in_a_sqlite_tracking_uri_is_refused(kvasir_checkpoint, tmp_path):
+    """SQLAlchemy ends the database name at '?': the store would be tmp/t, the artifacts in tmp/t?r (#26)."""
+    (tmp_path / "t?r").mkdir()
+    p = cli("register", "--bundle-dir", ROOT / "bundles" / "kvasir_gaze", "--checkpoint", kvasir_checkpoint,
+            "--name", "m", "--tracking-uri", f"sqlite:///{tmp_path / 't?r' / 'm.db'}")  # fmt: skip
+    last = _one_line(p, "a '?' in a sqlite path ends the database's name")
+    assert "t%3Fr/m.db" in last
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t?r"] and not any((tmp_path / "t?r").iterdir())

@@ -35,7 +35,8 @@ except ImportError as e:  # pragma: no cover
 
 from ..errors import CheckpointMismatchError, CheckpointReadError, InvalidInputError, TrackingUnavailableError
 from ..train.checkpoints import load_weights, model_weights
-from ..train.tracking import fail_fast_http, is_outage
+from ..train.settings import config_path
+from ..train.tracking import check_sqlite_uri, fail_fast_http, is_outage, sqlite_artifact_location
 from .staging import (
     check_staged_bundle,
     evaluation_overrides,
@@ -294,6 +295,7 @@ def _reachable(uri: str) -> None:
     """
     if uri.startswith(("http://", "https://")):
         fail_fast_http()
+    check_sqlite_uri(uri)
     try:
         mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     except Exception as e:
@@ -454,12 +456,7 @@ def _experiment_id(client, experiment: str, tracking_uri: str) -> str:
     found = client.get_experiment_by_name(experiment)
     if found is not None:
         return found.experiment_id
-    location = None
-    if tracking_uri.startswith("sqlite:///"):
-        from monai.utils import path_to_uri
-
-        location = path_to_uri(Path(tracking_uri[len("sqlite:///") :]).parent / "mlruns")
-    return client.create_experiment(experiment, artifact_location=location)
+    return client.create_experiment(experiment, artifact_location=sqlite_artifact_location(tracking_uri))
 
 
 def _version_tags(client, run_id: str, ckpt: Path, linked: bool) -> dict[str, str]:
@@ -574,7 +571,11 @@ def run_registered_bundle(
 
     if task not in ("evaluate", "inference"):
         raise InvalidInputError(f"task must be evaluate or inference, got {task!r}")
-    out = Path(out)
+    out = Path(config_path("--out", out))
+    for name in ("dataset_dir", "gaze_csv", "image_labels"):
+        if overrides.get(name) is not None:
+            flag = "--images" if task == "inference" else "--" + name.replace("_", "-")
+            overrides[name] = config_path(flag, overrides[name])
     with tempfile.TemporaryDirectory() as tmp:
         bundle = download_registered_bundle(model_uri, tmp, tracking_uri, any_uri)
         configs = bundle / "configs"

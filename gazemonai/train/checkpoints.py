@@ -383,6 +383,7 @@ class LatestCheckpoint:
         if not self.save_path.is_file():
             return
         ckpt = load_weights(self.save_path)
+        self._check_same_data(engine, ckpt)
         random_states = None
         for key, obj in self.save_dict.items():
             if key not in ckpt:
@@ -417,6 +418,27 @@ class LatestCheckpoint:
         if engine.state.epoch >= engine.state.max_epochs:
             logger.info("training already complete (%d epochs)", engine.state.epoch)
             engine.terminate()
+
+    def _check_same_data(self, engine: Engine, ckpt: Mapping) -> None:
+        """Refuse to resume with another batch size or training set: the restored iteration counter and
+        random streams would no longer match the epochs (ignite would end the run early)."""
+        saved = ckpt.get("data") or {}
+        trainer = ckpt.get("trainer", {})
+        epoch, iteration = int(trainer.get("epoch", 0)), int(trainer.get("iteration", 0))
+        if "epoch_length" not in saved and epoch > 0:  # a latest.pt from before this check
+            saved = {**saved, "epoch_length": iteration // epoch}
+        now = _data_shape(engine)
+        for key, setting in (
+            ("batch_size", "--batch_size"),
+            ("items", "the number of training items (train.txt, --limit, --val_fraction, --train_fraction)"),
+            ("epoch_length", "the iterations per epoch"),
+        ):
+            if key in saved and key in now and saved[key] != now[key]:
+                raise InvalidInputError(
+                    f"cannot resume from {self.save_path}: {setting} is {now[key]} but was {saved[key]} in "
+                    f"the run it holds; resume with {saved[key]}, or start afresh with another --bundle_root "
+                    f"(or delete {self.save_path})"
+                )
 
     def _continue_schedule(self, key: str, sched: CosineAnnealingLR, saved: Mapping) -> None:
         """Keep a cosine schedule going when the run's planned length changed (``--epochs``)."""
@@ -456,11 +478,23 @@ class LatestCheckpoint:
             else:
                 ckpt[key] = unwrap(obj).state_dict()
         ckpt["trainer"] = {"epoch": int(engine.state.epoch), "iteration": int(engine.state.iteration)}
+        ckpt["data"] = _data_shape(engine)
         ckpt["schedules"] = {
             k: {"planned": self._planned[k], "offset": self._offset[k]} for k in self._planned
         }
         if idist.get_rank() == 0:
             _atomic_save(ckpt, self.save_path)
+
+
+def _data_shape(engine: Engine) -> dict:
+    """What fixes the iteration count and data order of an epoch: batch size, training items, iterations."""
+    shape = {"epoch_length": int(engine.state.epoch_length)} if engine.state.epoch_length else {}
+    loader = getattr(engine.state, "dataloader", None)
+    if getattr(loader, "batch_size", None) is not None:
+        shape["batch_size"] = int(loader.batch_size)
+    with contextlib.suppress(TypeError, AttributeError):
+        shape["items"] = len(loader.dataset)
+    return shape
 
 
 def _gather(state: dict) -> list[dict]:

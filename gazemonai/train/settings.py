@@ -22,6 +22,10 @@ from ..gaze.heatmap import check_sigma
 from ..gaze.pseudo_masks import MIN_MAX_SIDE
 from ..prep.limits import available_memory, check_memory, check_workers
 
+#: MONAI's config id separator (``monai.bundle.utils.ID_SEP_KEY``); its parser rewrites every ``#`` in a
+#: config value to it, paths included
+ID_SEP = "::"
+
 __all__ = ["check_settings", "check_acceleration", "exit_on_bad_settings"]
 
 _CHOICES = {
@@ -126,6 +130,28 @@ def _fits_memory(image_size, batch_size, features, in_channels) -> None:
     )
 
 
+def config_path(name: str, path: str | os.PathLike) -> str:
+    """``path`` as a value to hand MONAI's config parser: absolute, so a leading ``$``, ``@`` or ``%``
+    (an expression, a reference or a macro to the parser) is a plain path, and refused with ``#``.
+
+    Args:
+        name: the option or setting that gave ``path``, for the message.
+        path: the path.
+
+    Raises:
+        InvalidInputError: ``path`` holds ``#`` or ``::`` (MONAI reads both as its id separator in every
+            config value; no escape exists).
+    """
+    text = os.fspath(path)
+    if "#" in text or ID_SEP in text:
+        raise InvalidInputError(
+            f"{name} {text!r}: MONAI's config parser reads '#' (and '::') in any value as its id "
+            "separator, so files would go to another folder; rename the folder, or link it (ln -s) under "
+            "a name without '#'"
+        )
+    return os.path.abspath(text)
+
+
 def check_settings(
     image_size=None,
     batch_size=None,
@@ -162,6 +188,9 @@ def check_settings(
     dcr_ramp_epochs=None,
     checkpoint_interval=None,
     device=None,
+    bundle_root=None,
+    output_dir=None,
+    ckpt_dir=None,
     **choices,
 ) -> None:
     """Check a bundle's settings; raise on the first bad one, naming it.
@@ -177,6 +206,9 @@ def check_settings(
         features: six BasicUNet widths, integers >= 1.
         limit: an integer >= 1, or ``None``.
         dataset_dir: an existing folder. gaze_csv: an existing file (gaze and hybrid supervision).
+        bundle_root, output_dir, ckpt_dir: where the run writes. Every path setting is refused when it
+            holds ``::``: MONAI's parser has already turned a ``#`` in it into that, so the path is not
+            the one given (a ``monai.bundle run --bundle_root 'a#b'`` would write into ``a::b``).
         hybrid_config: true where ``hybrid.json`` is in the config list (``supervision`` ``hybrid``
             needs it). strong_fraction: in (0, 1], or ``None`` (``strong_ids`` given instead).
         train_fraction: in (0, 1], or ``None`` (all training images).
@@ -270,6 +302,18 @@ def check_settings(
                 raise InvalidInputError(f"{name} must be true or false ({hint}), got {value!r}")
         else:
             raise TypeError(f"check_settings() got an unexpected setting {name!r}")
+    paths = {
+        "bundle_root": bundle_root,
+        "output_dir": output_dir,
+        "ckpt_dir": ckpt_dir,
+        "dataset_dir": dataset_dir,
+        "gaze_csv": gaze_csv,
+        "image_labels": image_labels,
+        "prompt_checkpoint": prompt_checkpoint,
+    }
+    for name, path in paths.items():
+        if path is not None and ID_SEP in os.fspath(path):  # MONAI turned a '#' in it into '::'
+            config_path(name, path)
     if dataset_dir is not None and not Path(dataset_dir).is_dir():
         raise MissingInputError(f"dataset_dir {os.fspath(dataset_dir)!r} is not a folder")
     if eval_split is not None:

@@ -38,7 +38,14 @@ from monai.utils import flatten_dict, path_to_sqlite_uri
 from gazemonai.train.provenance import write_run_config
 from gazemonai.train.run_record import MODEL_SETTINGS, SPLIT_SETTINGS, check_trained_settings, inside
 
-__all__ = ["MLflowTracking", "fail_fast_http", "is_outage", "FAIL_FAST"]
+__all__ = [
+    "MLflowTracking",
+    "fail_fast_http",
+    "is_outage",
+    "FAIL_FAST",
+    "sqlite_artifact_location",
+    "check_sqlite_uri",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +82,47 @@ def is_outage(error: BaseException) -> bool:
             return True
         e = e.__cause__ or e.__context__
     return False
+
+
+def check_sqlite_uri(tracking_uri: str) -> str:
+    """Refuse a ``sqlite:///`` URI whose path holds a raw ``?``.
+
+    SQLAlchemy ends the database path at ``?`` (the rest is its query string): ``sqlite:////data/a?b/m.db``
+    is the database ``/data/a``, while MLflow's artifacts would go under ``/data/a?b``. Such characters
+    must be percent-encoded (``%3F``; ``monai.utils.path_to_sqlite_uri`` does it).
+
+    Raises:
+        InvalidInputError: naming the URI and the encoded form to give instead.
+    """
+    from urllib.parse import quote
+
+    from ..errors import InvalidInputError
+
+    if tracking_uri.startswith("sqlite:///"):
+        path = tracking_uri[len("sqlite:///") :]
+        if "?" in path:
+            raise InvalidInputError(
+                f"the tracking URI {tracking_uri}: a '?' in a sqlite path ends the database's name "
+                f"(SQLAlchemy reads the rest as a query); percent-encode it: sqlite:///{quote(path)}"
+            )
+    return tracking_uri
+
+
+def sqlite_artifact_location(tracking_uri: str) -> str | None:
+    """``<database folder>/mlruns`` as a ``file://`` URI for a ``sqlite:///`` tracking URI, else ``None``.
+
+    The database path in the URI is percent-encoded (``monai.utils.path_to_sqlite_uri``; SQLAlchemy
+    decodes it): decoded here, so a folder with a space, ``?``, ``%`` or non-ASCII letters gets its
+    artifacts beside the database. MONAI's ``MLFlowHandler`` took the encoded text as the folder's name
+    and so wrote them into ``./r%20o/...`` under the current folder.
+    """
+    from urllib.parse import unquote
+
+    from monai.utils import path_to_uri
+
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return path_to_uri(Path(unquote(tracking_uri[len("sqlite:///") :])).parent / "mlruns")
 
 
 def _short(error: BaseException) -> str:
@@ -185,7 +233,11 @@ class MLflowTracking(MLFlowHandler):
         **kwargs,
     ) -> None:
         fail_fast_http()
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or kwargs.get("tracking_uri") or ""
+        check_sqlite_uri(uri)
         super().__init__(*args, **kwargs)
+        if kwargs.get("artifact_location") is None:  # MONAI's default, without its double encoding
+            self.artifact_location = sqlite_artifact_location(uri) or self.artifact_location
         self.pending_path = Path(pending_path)
         self.fallback_uri = fallback_uri or path_to_sqlite_uri(
             str(self.pending_path.resolve().parent / "mlruns.db")

@@ -243,3 +243,33 @@ def test_a_text_file_as_latest_pt_is_named(finished_run, synthetic_root, tmp_pat
     assert (
         f"CheckpointReadError: cannot read checkpoint {root / 'models' / 'latest.pt'} as weights" in p.stderr
     )
+
+
+@pytest.mark.parametrize("setting", ["bundle_root", "dataset_dir", "gaze_csv"])
+def test_a_path_with_a_hash_is_refused_not_rewritten(synthetic_root, tmp_path, setting):
+    """MONAI's parser turns '#' in any config value into '::': the run refuses the path instead of
+    writing into (or reading from) a folder the user never named (#26 kind 5)."""
+    import shutil
+
+    data = synthetic_root
+    if setting != "bundle_root":
+        data = tmp_path / "da#ta"
+        shutil.copytree(synthetic_root, data)
+    root = tmp_path / ("r#un" if setting == "bundle_root" else "run")
+    p = bundle("--config_file", _config("train"), "--bundle_root", root, "--dataset_dir", data,
+               "--gaze_csv", data / "gaze.csv", "--epochs", 1, "--image_size", "[32,32]", "--batch_size", 1,
+               "--num_workers", 0, "--cache_workers", 1, "--val_fraction", 0.34, ok=False)  # fmt: skip
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 2 and last.startswith("error: ") and "'#'" in last, p.stderr[-2000:]
+    assert last.split()[1] in ("bundle_root", "output_dir", "ckpt_dir", "dataset_dir", "gaze_csv")
+    assert not any("::" in str(path) for path in tmp_path.rglob("*")), sorted(tmp_path.rglob("*"))
+    assert not root.exists()  # nothing written anywhere
+
+
+def test_inference_refuses_a_hash_in_its_paths(synthetic_root, kvasir_checkpoint, tmp_path):
+    out = tmp_path / "ma#sks"
+    p = bundle("--config_file", _config("inference"), "--bundle_root", kvasir_checkpoint.parent.parent,
+               "--dataset_dir", synthetic_root / "images", "--output_dir", out, ok=False)  # fmt: skip
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 2 and last.startswith("error: output_dir") and "'#'" in last, p.stderr[-2000:]
+    assert not any("::" in str(path) for path in tmp_path.rglob("*")) and not out.exists()

@@ -152,3 +152,20 @@ def test_a_second_training_into_the_same_bundle_root_is_refused(synthetic_root, 
     log = p.stdout + p.stderr
     assert p.returncode != 0 and "models is being written by another training" in log, log[-2000:]
     assert not (tmp_path / "run" / "models" / "latest.pt").exists()
+
+
+def test_a_resume_with_another_batch_size_is_refused_naming_both_values(synthetic_root, tmp_path):
+    """latest.pt of a --batch_size 1 run, resumed with --batch_size 2: refused, nothing written (#26)."""
+    root = tmp_path / "run"
+    bundle("--config_file", TRAIN, *_common(root, synthetic_root), "--epochs", 1, "--num_workers", 0)
+    before = (root / "models" / "latest.pt").read_bytes()
+    p = bundle("--config_file", TRAIN, *_common(root, synthetic_root), "--epochs", 2, "--num_workers", 0,
+               "--batch_size", 2, ok=False)  # fmt: skip
+    log = p.stdout + p.stderr
+    assert p.returncode != 0, log[-2000:]
+    assert "cannot resume from" in log and "--batch_size is 2 but was 1" in log, log[-2000:]
+    assert (root / "models" / "latest.pt").read_bytes() == before
+    # the same settings still resume
+    log = bundle("--config_file", TRAIN, *_common(root, synthetic_root), "--epochs", 2, "--num_workers", 0)
+    assert "resumed from" in log.stdout + log.stderr
+    assert torch.load(root / "models" / "latest.pt", weights_only=True)["trainer"]["epoch"] == 2

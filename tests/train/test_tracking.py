@@ -221,3 +221,26 @@ def test_a_symlinked_journal_is_refused(tmp_path):
     with pytest.raises(InvalidInputError, match="symlink"):
         _trainer(uri, tmp_path / "outputs" / "j.jsonl", epochs=1, iterations=1)
     assert target.read_text() == "# someone's shell profile\n"
+
+
+def test_artifacts_go_beside_a_sqlite_store_whose_folder_name_needs_quoting(tmp_path, monkeypatch):
+    """The database's folder is percent-encoded in the sqlite URI; the artifacts go into that folder's
+    mlruns/, not into a folder named after the encoded text under the current folder (#26 kind 5)."""
+    from monai.utils import path_to_sqlite_uri
+
+    folder = tmp_path / "r o?t%41é"
+    folder.mkdir()
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    (tmp_path / "notes.txt").write_text("kept")
+    uri = path_to_sqlite_uri(str(folder / "mlruns.db"))
+    engine = Engine(lambda e, b: {"loss": 1.0})
+    MLflowTracking(tracking_uri=uri, experiment_name="e", run_name="r", pending_path=folder / "j.jsonl",
+                   output_transform=lambda out: out["loss"], tag_name="loss",
+                   artifacts=[str(tmp_path / "notes.txt")]).attach(engine)  # fmt: skip
+    engine.run([0], max_epochs=1)
+    run, _ = _history(uri)
+    logged = list((folder / "mlruns").rglob("notes.txt"))
+    assert len(logged) == 1 and logged[0].read_text() == "kept" and run.info.run_id in str(logged[0])
+    assert list((tmp_path / "cwd").iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cwd", "notes.txt", "r o?t%41é"]
