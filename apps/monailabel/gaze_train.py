@@ -148,8 +148,7 @@ class GazeTrainTask(TrainTask):
         ids, strong = self.snapshot(datastore, data, str(request.get("annotator") or "all"))
         say(f"run {run.name}: {len(ids)} gaze-labelled image(s), {len(strong)} with full masks")
         overrides = {k: v for k, v in request.items() if k in self.train_keys and k not in PROTECTED}
-        inference = json.loads((self.served / "configs" / "inference.json").read_text())
-        overrides.update({k: inference[k] for k in MODEL_SETTINGS if k in inference})
+        overrides.update(self.served_model_settings())
         overrides.setdefault("val_fraction", self.defaults["val_fraction"])
         n_val = max(1, int(round(len(ids) * float(overrides["val_fraction"]))))
         batch = int(overrides.get("batch_size", self.train_config.get("batch_size", 1)))
@@ -274,6 +273,27 @@ class GazeTrainTask(TrainTask):
         self.bundle(configs, args)
         metrics = json.loads((out / "metrics_val.json").read_text())
         return float(metrics["mean"]["ensemble"]["dice"])
+
+    def served_model_settings(self) -> dict:
+        """The served ``inference.json``'s values of :data:`MODEL_SETTINGS`, as plain data.
+
+        A value the app's ``overrides`` wrote is a literal; the bundle's own ``inference.json`` reads
+        the others from the checkpoint's run record (``$@trained_model[...]``), whose fallback is
+        ``model_defaults``: that is the value a training must share.
+        """
+        from gazemonai.train.run_record import check_plain_data
+
+        inference = json.loads((self.served / "configs" / "inference.json").read_text())
+        defaults = inference.get("model_defaults") or {}
+        settings = {}
+        for key in MODEL_SETTINGS:
+            value = inference.get(key)
+            if isinstance(value, str) and value.startswith("$"):
+                value = defaults.get(key)
+            if value is not None:
+                check_plain_data(value, key)
+                settings[key] = value
+        return settings
 
     def promote(self, run: Path) -> None:
         """Serve ``run``'s model: written beside, then renamed over ``models/model.pt`` (atomic)."""

@@ -54,6 +54,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.tasks.infer.bundle import BundleInferTask
 
 from gazemonai.serve.staging import stage_bundle
+from gazemonai.train.run_record import check_plain_data
 from gazemonai.train.transforms import SaveMaskd
 
 logger = logging.getLogger(__name__)
@@ -171,6 +172,8 @@ def sync_configs(bundle: Path, dest: Path, overrides: dict | None) -> None:
             unknown = sorted(set(overrides) - set(config))
             if unknown:
                 raise ValueError(f"overrides {unknown} are not keys of {src}")
+            for key, value in overrides.items():  # data only: MONAI would evaluate a '$...' value
+                check_plain_data(value, f"--conf overrides {key}")
             data = (json.dumps({**config, **overrides}, indent=4) + "\n").encode()
         target = dest / "configs" / src.name
         if not target.is_file() or target.read_bytes() != data:
