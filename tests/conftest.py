@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# Triton decorates its own library (tl.zeros, ...) when it is first imported, reading TRITON_INTERPRET
+# then: set before anything imports it (torch.optim imports torch._dynamo, which imports triton), so the
+# fused propagation's kernels run under the interpreter in every test process (CPU-only machines)
+os.environ.setdefault("TRITON_INTERPRET", "1")
 from helpers import ROOT
 
 #: the test files that take minutes, longest first. `make test` hands whole files to its workers in

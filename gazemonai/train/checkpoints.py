@@ -428,6 +428,10 @@ class LatestCheckpoint:
         if "epoch_length" not in saved and epoch > 0:  # a latest.pt from before this check
             saved = {**saved, "epoch_length": iteration // epoch}
         now = _data_shape(engine)
+        if saved.get("world_size", now["world_size"]) != now["world_size"]:
+            # torchrun's ranks split the items, so a run of another world size has other epochs: only
+            # the batch size can be compared (a single process resumes a torchrun's latest.pt)
+            saved = {k: v for k, v in saved.items() if k == "batch_size"}
         for key, setting in (
             ("batch_size", "--batch_size"),
             ("items", "the number of training items (train.txt, --limit, --val_fraction, --train_fraction)"),
@@ -488,7 +492,9 @@ class LatestCheckpoint:
 
 def _data_shape(engine: Engine) -> dict:
     """What fixes the iteration count and data order of an epoch: batch size, training items, iterations."""
-    shape = {"epoch_length": int(engine.state.epoch_length)} if engine.state.epoch_length else {}
+    shape = {"world_size": int(idist.get_world_size())}
+    if engine.state.epoch_length:
+        shape["epoch_length"] = int(engine.state.epoch_length)
     loader = getattr(engine.state, "dataloader", None)
     if getattr(loader, "batch_size", None) is not None:
         shape["batch_size"] = int(loader.batch_size)

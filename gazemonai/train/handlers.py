@@ -253,13 +253,12 @@ class IterationLimit:
     GazeSup (Zhong et al., MICCAI 2024) trains for a number of iterations (15 000), not of epochs.
     This handler ends the epoch in which the limit falls at the limit, and the run with it. The cut
     epoch still completes (``EPOCH_COMPLETED`` fires), so the final weights are validated and saved
-    in ``latest.pt`` (ignite's own ``run(max_iters=...)`` stops without that). It keeps the trainer
-    going until the limit whatever its ``max_epochs`` (a run resumed after a cut epoch, e.g. with a
-    larger ``iterations``, goes on with whole epochs from there), and stops a run resumed at or past
-    the limit at once; a killed run resumes from its last saved epoch and replays to the limit.
-
-    Attach it before the handler that resumes (``LatestCheckpoint``): it lifts ``max_epochs`` when
-    the run starts, before the resumed epoch is compared with it.
+    in ``latest.pt`` (ignite's own ``run(max_iters=...)`` stops without that). It only ever cuts: the
+    trainer's ``max_epochs`` still bounds the run, so an explicit ``--epochs 1`` gives one epoch. The
+    paper profile therefore sets ``epochs`` to one more than ``ceil(iterations / epoch length)``: a run
+    resumed after a cut epoch with a larger ``iterations`` (whole epochs from there) still reaches the
+    limit. A run resumed at or past the limit stops at once; a killed run resumes from its last saved
+    epoch and replays to the limit.
 
     Args:
         max_iterations: the limit; ``None`` (the CPU profile) leaves the epochs alone.
@@ -275,14 +274,8 @@ class IterationLimit:
     def attach(self, engine: Engine) -> None:
         if self.max_iterations is None:
             return
-        engine.add_event_handler(Events.STARTED, self._started)
         engine.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration_completed)
-
-    def _started(self, engine: Engine) -> None:
-        engine.state.max_epochs = max(
-            int(engine.state.max_epochs or 0), self.max_iterations
-        )  # an upper bound
 
     def _epoch_started(self, engine: Engine) -> None:
         if engine.state.iteration >= self.max_iterations:  # resumed at the limit: nothing left to do

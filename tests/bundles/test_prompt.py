@@ -6,6 +6,8 @@ import pytest
 import torch
 from helpers import ROOT, bundle, cli, configs, mlflow_runs, slice_named
 
+from gazemonai.train.checkpoints import model_weights
+
 SMALL = ["--image_size", "[32,32]", "--features", "[8,8,16,16,32,8]", "--batch_size", "2",
          "--num_workers", "0", "--cache_workers", "1", "--val_fraction", "0.34"]  # fmt: skip
 
@@ -133,7 +135,7 @@ def test_encoder_only_stage_one_is_an_option_and_a_mismatch_is_refused(synthetic
     encoder = ["--bundle_root", out, *SMALL, "--epochs", 1, "--prompt_stage1_arch", "encoder"]
     bundle("--config_file", configs("kvasir_gaze", "train.json", "prompt_stage1.json"), *encoder,
            "--image_labels", labels / "labels.csv")  # fmt: skip
-    stage1 = torch.load(out / "models" / "prompt_stage1" / "model.pt", weights_only=True)["model"]
+    stage1 = model_weights(torch.load(out / "models" / "prompt_stage1" / "model.pt", weights_only=True))
     assert not any(k.startswith("ups.") for k in stage1) and stage1["head.weight"].shape == (
         1,
         8 + 8 + 16 + 16 + 32,
@@ -141,7 +143,7 @@ def test_encoder_only_stage_one_is_an_option_and_a_mismatch_is_refused(synthetic
     seg = ["--dataset_dir", synthetic_root, "--supervision", "full"]
     stage2 = configs("kvasir_gaze", "train.json", "prompt_stage2.json")
     bundle("--config_file", stage2, *encoder, *seg)
-    model = torch.load(out / "models" / "model.pt", weights_only=True)["model"]
+    model = model_weights(torch.load(out / "models" / "model.pt", weights_only=True))
     assert torch.equal(model["prompt.head.weight"], stage1["head.weight"])
     assert model["levels.0.short_skips.0.weight"].shape[1] == 8 + 8  # encoder level 0 + stage-1 conv_0
 

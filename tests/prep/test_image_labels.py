@@ -65,9 +65,10 @@ def test_bad_folders_are_named(tmp_path, make, error, words):
 def test_csv_with_names_indices_groups_and_relative_paths(tmp_path):
     png(tmp_path / "img" / "a.png")
     png(tmp_path / "img" / "b.png")
-    absolute = png(tmp_path / "elsewhere" / "c.png")
+    png(tmp_path / "other" / "c.png")  # absolute paths are refused (issue #26): another sub-folder
     path = write_csv(
-        tmp_path / "labels.csv", [("img/a.png", "lesion", "p1"), ("img/b.png", "0", ""), (absolute, 1, "p2")]
+        tmp_path / "labels.csv",
+        [("img/a.png", "lesion", "p1"), ("img/b.png", "0", ""), ("other/c.png", 1, "p2")],
     )
     items = read_image_labels(path, CLASSES)
     assert [(i.label, i.group) for i in items] == [(1, "p1"), (0, "img/b.png"), (1, "p2")]

@@ -156,10 +156,10 @@ def test_iteration_limit_cuts_the_last_epoch_and_still_completes_it():
     IterationLimit(8).attach(engine)
     engine.run([0, 1, 2, 3], max_epochs=5)
     assert len(seen) == 8 and completed == [(1, 4), (2, 8)]
-    # too few epochs: the limit still decides
+    # too few epochs: the epochs decide (an explicit --epochs 1 is one epoch, not 15 000 iterations)
     engine = Engine(lambda e, batch: None)
     IterationLimit(10).attach(engine)
-    assert engine.run([0, 1, 2, 3], max_epochs=1).iteration == 10
+    assert engine.run([0, 1, 2, 3], max_epochs=1).iteration == 4
     # None leaves the epochs alone
     engine = Engine(lambda e, batch: None)
     IterationLimit(None).attach(engine)
