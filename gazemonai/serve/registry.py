@@ -35,6 +35,7 @@ except ImportError as e:  # pragma: no cover
 
 from ..errors import CheckpointMismatchError, CheckpointReadError, InvalidInputError, TrackingUnavailableError
 from ..train.checkpoints import load_weights, model_weights
+from ..train.run_record import RUN_RECORD, inside
 from ..train.settings import config_path
 from ..train.tracking import check_sqlite_uri, fail_fast_http, is_outage, sqlite_artifact_location
 from .staging import (
@@ -372,15 +373,15 @@ def register_bundle(
 
     bundle, ckpt = locate_bundle(bundle_dir, checkpoint)
     record = read_run_record(ckpt)
-    if tracking_uri is None:
-        tracking_uri = (
-            (record or {}).get("tracking_uri")
-            or os.environ.get("MLFLOW_TRACKING_URI")
-            or path_to_sqlite_uri(str(ckpt.resolve().parent.parent / "outputs" / "mlruns.db"))
-        )
     aliases = [_alias(a) for a in aliases]
     check_overrides(overrides)  # a value predict would refuse is refused now, before anything is logged
     trained = trained_settings(ckpt, record)
+    if tracking_uri is None:
+        tracking_uri = (
+            _recorded_store(record, ckpt)
+            or os.environ.get("MLFLOW_TRACKING_URI")
+            or path_to_sqlite_uri(str(ckpt.resolve().parent.parent / "outputs" / "mlruns.db"))
+        )
     with tempfile.TemporaryDirectory() as tmp, _tracking(tracking_uri):
         # fails before anything is logged when the checkpoint does not load
         staged, model = _load_staged(bundle, ckpt, overrides or None, Path(tmp), trained)
@@ -422,6 +423,30 @@ def _alias(alias) -> str:
     if alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
         raise InvalidInputError(f"alias {alias!r} is reserved by MLflow ('latest', v<number>)")
     return alias
+
+
+def _recorded_store(record: dict | None, ckpt: Path) -> str | None:
+    """The tracking store the run record names, where ``register`` may send the model unasked.
+
+    A run folder may come from someone else, and its record could name any server: the model (and
+    its weights) go there only when it is the store beside the run (a SQLite file inside the run
+    folder) or the one ``MLFLOW_TRACKING_URI`` names; any other needs ``--tracking-uri``.
+
+    Raises:
+        InvalidInputError: the record names another store, naming it and how to use it.
+    """
+    from urllib.parse import unquote
+
+    uri = (record or {}).get("tracking_uri")
+    if not uri or uri == os.environ.get("MLFLOW_TRACKING_URI"):
+        return uri
+    run_folder = ckpt.resolve().parent.parent
+    if uri.startswith("sqlite:///") and inside(unquote(uri[len("sqlite:///") :]), run_folder):
+        return uri
+    raise InvalidInputError(
+        f"{ckpt.parent / RUN_RECORD} names the tracking store {uri}, which is not the one beside the run: "
+        f"register sends the model there only when asked (--tracking-uri {uri}, or MLFLOW_TRACKING_URI)"
+    )
 
 
 def _recorded_run(client, record: dict | None, tracking_uri: str) -> str | None:

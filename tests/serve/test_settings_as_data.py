@@ -238,3 +238,15 @@ def test_a_model_uri_that_is_not_a_registry_uri_needs_to_be_asked_for(
             "--tracking-uri", uri, "--any-model-uri")  # fmt: skip
     assert p.returncode == 0, p.stderr[-2000:]
     assert len(list((tmp_path / "pred").iterdir())) == len(list(images.iterdir()))
+
+
+def test_register_sends_the_model_to_a_recorded_store_only_when_asked(kvasir_checkpoint, tmp_path):
+    """A handed-over run record naming someone's server: register stops before contacting it (#26 kind 1)."""
+    run = _crafted_run(tmp_path, kvasir_checkpoint, {"num_levels": 2})
+    record = json.loads((run / "models" / "mlflow_run.json").read_text())
+    record["tracking_uri"] = "http://127.0.0.1:9/"  # nothing listens: a request would fail otherwise
+    (run / "models" / "mlflow_run.json").write_text(json.dumps(record))
+    p = cli("register", "--bundle-dir", KVASIR, "--checkpoint", run / "models" / "model.pt", "--name", "m")
+    assert p.returncode == 2 and "names the tracking store http://127.0.0.1:9/" in p.stderr, p.stderr[-2000:]
+    assert "--tracking-uri http://127.0.0.1:9/" in p.stderr and "Traceback" not in p.stderr
+    assert not (run / "outputs" / "mlruns.db").exists()
