@@ -278,18 +278,21 @@ class GazeTrainTask(TrainTask):
         """The served ``inference.json``'s values of :data:`MODEL_SETTINGS`, as plain data.
 
         A value the app's ``overrides`` wrote is a literal; the bundle's own ``inference.json`` reads
-        the others from the checkpoint's run record (``$@trained_model[...]``), whose fallback is
-        ``model_defaults``: that is the value a training must share.
+        the others from the served checkpoint's run record (``$@trained_model[...]``), else
+        ``model_defaults``: the same reader gives them here, so a training shares what is served.
         """
-        from gazemonai.train.run_record import check_plain_data
+        from gazemonai.train.run_record import check_plain_data, trained_settings
 
         inference = json.loads((self.served / "configs" / "inference.json").read_text())
-        defaults = inference.get("model_defaults") or {}
+        model = self.served / "models" / "model.pt"
+        recorded = dict(inference.get("model_defaults") or {})
+        if model.is_file():
+            recorded.update(trained_settings(model))
         settings = {}
         for key in MODEL_SETTINGS:
             value = inference.get(key)
             if isinstance(value, str) and value.startswith("$"):
-                value = defaults.get(key)
+                value = recorded.get(key)
             if value is not None:
                 check_plain_data(value, key)
                 settings[key] = value
