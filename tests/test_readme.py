@@ -149,13 +149,18 @@ def _start_background(script: str, port: int, route: str, cwd: Path, env: dict, 
     return proc, out
 
 
-def _stop_background(proc, out) -> None:
+def _kill_group(proc) -> None:
+    """End a server started in its own session, with everything it started."""
     os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(30)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def _stop_background(proc, out) -> None:
+    _kill_group(proc)
     out.seek(0)
     print(out.read()[-3000:])  # shown when a later command failed
     out.close()
@@ -182,12 +187,7 @@ def _run_server(script: str, port: int, route: str, cwd: Path, env: dict, log: P
                 masks = invoke_served_model(port)
                 assert masks.shape == (1, 40, 48) and set(np.unique(masks)) <= {0, 1}
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            _kill_group(proc)
 
 
 def test_the_readme_blocks_hold_the_commands_a_user_runs():
