@@ -57,10 +57,9 @@ DONE = "done.json"
 
 def read_model_weights(path: str | os.PathLike):
     """The network's state dict in a ``models/model.pt`` (the one place that knows its format)."""
-    from gazemonai.train.checkpoints import load_weights
+    from gazemonai.train.checkpoints import load_weights, model_weights
 
-    state = load_weights(path)
-    return state["model"] if isinstance(state, dict) and "model" in state else state
+    return model_weights(load_weights(path))
 
 
 def default_train_python() -> str:
