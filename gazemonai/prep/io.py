@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock, Timeout
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import FixationFormatError, ImageReadError, InvalidInputError, MissingInputError
@@ -179,9 +180,9 @@ def read_ids(path: str | os.PathLike) -> list[str]:
 def exclusive_folder(folder: str | os.PathLike, who: str, option: str):
     """Hold ``FOLDER/.lock`` while writing into ``folder``: a second writer stops at once, saying so.
 
-    Two runs writing one folder would interleave their files and records. The lock is an advisory
-    ``flock`` (released by the kernel if the process dies, even by ``kill -9``); where there is no
-    ``fcntl`` (Windows) nothing is locked.
+    Two runs writing one folder would interleave their files and records. The lock is ``filelock``'s
+    ``FileLock`` (``flock`` on Unix, released by the kernel if the process dies, even by ``kill -9``;
+    ``msvcrt.locking`` on Windows); its file holds the owner's pid for the message.
 
     Args:
         folder: the output folder (it must exist).
@@ -189,29 +190,31 @@ def exclusive_folder(folder: str | os.PathLike, who: str, option: str):
         option: the setting that chose the folder, for the message (e.g. "--out").
 
     Raises:
-        InvalidInputError: another process holds the folder; the message names it.
+        InvalidInputError: another process holds the folder (the message names it), or ``.lock`` cannot
+            be opened there (a symbolic link is never followed).
     """
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
     path = Path(folder) / ".lock"
-    with open(path, "a+") as f:
+
+    def note_owner(fd: int) -> None:
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, f"pid {os.getpid()}".encode())
+
+    lock = FileLock(path, blocking=False, thread_local=False, on_acquired=note_owner)
+    try:
+        lock.acquire()
+    except Timeout:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            owner = f.read().strip() or "another process"
-            raise InvalidInputError(
-                f"{folder} is being written by another {who} ({owner}); "
-                f"wait for it to finish or give another {option}"
-            ) from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()}")
-        f.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            owner = path.read_text(errors="replace").strip()
+        except OSError:
+            owner = ""
+        raise InvalidInputError(
+            f"{folder} is being written by another {who} ({owner or 'another process'}); "
+            f"wait for it to finish or give another {option}"
+        ) from None
+    except OSError as e:
+        raise InvalidInputError(f"{option} {folder}: cannot lock {path} ({e.strerror or e})") from e
+    try:
+        yield
+    finally:
+        lock.release()

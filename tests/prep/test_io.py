@@ -63,3 +63,49 @@ def test_png_round_trips(tmp_path):
     b = write_png(tmp_path / "sub" / "b.png", p > 0.5)
     assert set(np.unique(np.asarray(Image.open(b)))) == {0, 255}
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_folder_held_by_another_process_is_refused_until_that_process_dies(tmp_path):
+    """The lock is honoured across processes, and a killed holder (``kill -9``) leaves no stale lock."""
+    import signal
+    import subprocess
+    import sys
+
+    from gazemonai.errors import InvalidInputError
+    from gazemonai.prep.io import exclusive_folder
+
+    hold = (
+        "import time\nfrom gazemonai.prep.io import exclusive_folder\n"
+        f"with exclusive_folder({str(tmp_path)!r}, 'x', '--out'):\n"
+        " print('held', flush=True)\n time.sleep(600)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(InvalidInputError) as refused:
+            with exclusive_folder(tmp_path, "`gazemonai pseudo-masks`", "--out"):
+                pass
+        assert str(refused.value) == (
+            f"{tmp_path} is being written by another `gazemonai pseudo-masks` (pid {holder.pid}); "
+            "wait for it to finish or give another --out"
+        )
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with exclusive_folder(tmp_path, "`gazemonai pseudo-masks`", "--out"):  # the kernel let go of it
+        assert (tmp_path / ".lock").read_text() == f"pid {os.getpid()}"
+
+
+def test_a_lock_file_that_is_a_symbolic_link_is_refused_and_its_target_kept(tmp_path):
+    """``OUT/.lock`` linking elsewhere is not followed: the file it points to was emptied before (#25)."""
+    from gazemonai.errors import InvalidInputError
+    from gazemonai.prep.io import exclusive_folder
+
+    precious = tmp_path / "notes.txt"
+    precious.write_text("a week of notes\n")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / ".lock").symlink_to(precious)
+    with pytest.raises(InvalidInputError, match=r"^--out .*out: cannot lock .*\.lock"):
+        with exclusive_folder(tmp_path / "out", "`gazemonai pseudo-masks`", "--out"):
+            pass
+    assert precious.read_text() == "a week of notes\n"
