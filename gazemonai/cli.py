@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import inspect
 import json
 import logging
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -52,38 +54,106 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _int_option(name: str, value, minimum: int, optional: bool = True) -> int | None:
-    """``value`` of option ``--name`` as an integer >= ``minimum`` (``None`` allowed when optional)."""
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise InvalidInputError(f"{_flag(name)} must be an integer >= {minimum}, got {value!r}")
+# -- option types: declared, never guessed -------------------------------------------------------------
+# fire reads a value as a Python literal when it can: `--out 1e3` was the float 1000.0 (a folder named
+# "1000.0"), `--out a#b` the name `a` (the rest a comment), `--ids a,b` a tuple. Each command declares its
+# options' types instead (fire.decorators.SetParseFns): fire hands each option's function the text as
+# typed, and that one function parses and range-checks it, naming the option when it refuses.
+
+
+def _options(**types):
+    """Declare a command's option types: ``name=parse`` with ``parse(flag, text)``, for those not text.
+
+    Every other option is text as typed (:func:`_text`), or a switch when its default is ``True``/``False``
+    (:func:`_switch`). fire keeps the declaration in the function's ``FIRE_METADATA`` attribute, which its
+    help and usage lines list as a "group" (fire's own decorator; nothing to run).
+    """
+    import fire.decorators
+
+    def declare(command):
+        parse = {}
+        for name, param in inspect.signature(command).parameters.items():
+            default = _switch if isinstance(param.default, bool) else _text
+            parse[name] = functools.partial(types.pop(name, default), _flag(name))
+        if types:
+            raise TypeError(f"{command.__name__} has no option(s) {', '.join(types)}")
+        return fire.decorators.SetParseFns(**parse)(command)
+
+    return declare
+
+
+def _text(flag: str, text: str) -> str:
+    """A path or a name, exactly as typed."""
+    if not text:
+        raise InvalidInputError(f"{flag} needs a value such as a path or a name")
+    return text
+
+
+def _texts(flag: str, text: str) -> list[str]:
+    """Names separated by commas (``020,021``, ``[a,b]``), each as typed."""
+    names = [name.strip() for name in text.strip("[]() ").split(",") if name.strip()]
+    if not names:
+        raise InvalidInputError(f"{flag} needs a value such as a,b")
+    return names
+
+
+def _switch(flag: str, text: str) -> bool:
+    """A setting without a value: fire gives "True" for ``--flag`` and "False" for ``--noflag``."""
+    if text.lower() not in ("true", "false"):
+        raise InvalidInputError(f"{flag} takes no value, got {text!r}")
+    return text.lower() == "true"
+
+
+def _integer(minimum: int, maximum: int | None = None):
+    """An integer in [``minimum``, ``maximum``]."""
+
+    def parse(flag: str, text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise InvalidInputError(f"{flag} must be an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise InvalidInputError(f"{flag} must be an integer >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise InvalidInputError(f"{flag} must be <= {maximum}, got {value}")
+        return value
+
+    return parse
+
+
+def _number(rule: str = "> 0", ok=lambda value: value > 0):
+    """A finite number for which ``ok`` holds (``rule`` says which, for the message)."""
+
+    def parse(flag: str, text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):  # 1e400 is inf to float()
+            raise InvalidInputError(f"{flag} must be a number, got {text!r}")
+        if not ok(value):
+            raise InvalidInputError(f"{flag} must be {rule}, got {text}")
+        return value
+
+    return parse
+
+
+def _numbers(flag: str, text: str) -> tuple[float, ...]:
+    """Numbers separated by commas: ``0.5,0.3``; their range is the setting's to check."""
+    try:
+        return tuple(float(v) for v in text.strip("[]() ").split(","))
+    except ValueError:
+        raise InvalidInputError(f"{flag} must be numbers separated by commas, got {text!r}") from None
+
+
+def _literal_dict(flag: str, text: str) -> dict:
+    """A dict written as a Python literal, read as fire reads one: ``"{'num_workers': 0}"``."""
+    from fire.parser import DefaultParseValue
+
+    value = DefaultParseValue(text)
+    if not isinstance(value, dict):
+        raise InvalidInputError(f"{flag} must be a dict such as \"{{'num_workers': 0}}\", got {text!r}")
     return value
-
-
-def _text_option(name: str, value, optional: bool = True) -> str | None:
-    """``value`` of ``--name`` as text (a path, a name); fire gives ``True`` for an option without a value."""
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or value is None or not isinstance(value, (str, int, float)):
-        raise InvalidInputError(f"{_flag(name)} needs a value such as a path or a name, got {value!r}")
-    return str(value)
-
-
-def _bool_option(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise InvalidInputError(f"{_flag(name)} takes no value, got {value!r}")
-    return value
-
-
-def _number_option(name: str, value, positive: bool = True) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InvalidInputError(f"{_flag(name)} must be a number, got {value!r}")
-    if positive and value <= 0:
-        raise InvalidInputError(f"{_flag(name)} must be > 0, got {value!r}")
-    return float(value)
 
 
 def _output_folder(name: str, path, create: bool = True, inputs: dict | None = None, writes=()) -> Path:
@@ -118,21 +188,7 @@ def _output_file(name: str, path, inputs: dict | None = None, suffixes=None) -> 
     return path
 
 
-def _floats(value) -> tuple[float, ...] | None:
-    if value is None:
-        return None
-    if isinstance(value, (int, float)):
-        return (float(value),)
-    if isinstance(value, bool):
-        raise InvalidInputError(f"--thresholds needs a value such as 0.5,0.3, got {value!r}")
-    if isinstance(value, str):
-        value = value.strip("[]() ").split(",")
-    try:
-        return tuple(float(v) for v in value)
-    except (TypeError, ValueError):
-        raise InvalidInputError(f"--thresholds must be numbers separated by commas, got {value!r}") from None
-
-
+@_options(thresholds=_numbers, sigma=_number(), max_side=_integer(1), limit=_integer(1), workers=_integer(1))
 def pseudo_masks(
     data_root: str,
     gaze_csv: str,
@@ -187,27 +243,8 @@ def pseudo_masks(
 
     if preset not in PRESETS:
         raise InvalidInputError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
-    flags = {
-        "full_resolution": full_resolution,
-        "no_crf": no_crf,
-        "strict": strict,
-        "no_maps": no_maps,
-        "quiet": quiet,
-    }
-    for name, value in flags.items():
-        _bool_option(name, value)
-    data_root, gaze_csv, out = (
-        _text_option(n, v, False) for n, v in (("data_root", data_root), ("gaze_csv", gaze_csv), ("out", out))
-    )
-    split, heatmap_mode = _text_option("split", split), _text_option("heatmap_mode", heatmap_mode)
-    images_dir, masks_dir = (
-        _text_option("images_dir", images_dir, False),
-        _text_option("masks_dir", masks_dir, False),
-    )
-    limit, workers = _int_option("limit", limit, 1), _int_option("workers", workers, 1)
-    max_side = _int_option("max_side", max_side, 1)
     config = PRESETS[preset].replace(
-        thresholds=_floats(thresholds), sigma=_number_option("sigma", sigma), heatmap_mode=heatmap_mode
+        thresholds=thresholds, sigma=sigma, heatmap_mode=heatmap_mode
     )  # the config checks every value it holds (range, choices), naming it
     if max_side is not None:
         config = config.replace(max_side=max_side)
@@ -235,7 +272,7 @@ def pseudo_masks(
         strict=strict,
         save_maps=not no_maps,
         progress=not quiet,
-        annotator=_text_option("annotator", annotator),
+        annotator=annotator,
     )
     print(_format_summary(summary, out))
     print(json.dumps(summary))
@@ -261,6 +298,7 @@ def _format_summary(s: dict, out: str) -> str:
     return "\n".join(lines)
 
 
+@_options(seed=_integer(0))
 def simulate_gaze(
     masks: str, out: str, seed: int = 0, split: str | None = None, image_suffix: str | None = None
 ):
@@ -276,13 +314,7 @@ def simulate_gaze(
     from .gaze.simulate import GazeSimulator, simulate_gaze_folder
     from .prep.io import read_ids
 
-    masks, out, split = (
-        _text_option("masks", masks, False),
-        _text_option("out", out, False),
-        _text_option("split", split),
-    )
-    seed = _int_option("seed", seed, 0, optional=False)
-    if image_suffix is not None and (not isinstance(image_suffix, str) or not image_suffix.startswith(".")):
+    if image_suffix is not None and not image_suffix.startswith("."):
         raise InvalidInputError(f"--image-suffix must be an extension such as .jpg, got {image_suffix!r}")
     ids = read_ids(split) if split else None
     _output_file("out", out, inputs={"masks": masks, "split": split})
@@ -291,6 +323,7 @@ def simulate_gaze(
     print(json.dumps(summary))
 
 
+@_options(override=_literal_dict, alias=_texts)
 def register(
     bundle_dir: str,
     name: str,
@@ -322,21 +355,7 @@ def register(
     """
     from .serve.registry import register_bundle
 
-    bundle_dir, name = _text_option("bundle_dir", bundle_dir, False), _text_option("name", name, False)
-    checkpoint, tracking_uri = (
-        _text_option("checkpoint", checkpoint),
-        _text_option("tracking_uri", tracking_uri),
-    )
-    run_id, experiment_name = (
-        _text_option("run_id", run_id),
-        _text_option("experiment_name", experiment_name),
-    )
-    aliases = alias if isinstance(alias, (list, tuple)) else ([] if alias is None else [alias])
-    aliases = [_text_option("alias", a, False) for a in aliases]
-    if override is not None and not isinstance(override, dict):
-        raise InvalidInputError(
-            f"--override must be a dict such as \"{{'image_size': [96, 96]}}\", got {override!r}"
-        )
+    aliases = alias or []
     info = register_bundle(
         bundle_dir,
         name,
@@ -363,22 +382,14 @@ def register(
     )
 
 
-def _dict_option(name: str, value) -> dict:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        example = "\"{'num_workers': 0}\""
-        raise InvalidInputError(f"{_flag(name)} must be a dict such as {example}, got {value!r}")
-    return value
-
-
-def _input_folder(name: str, value) -> str:
-    path = Path(_text_option(name, value, False))
+def _input_folder(name: str, value: str) -> str:
+    path = Path(value)
     if not path.is_dir():
         raise InvalidInputError(f"{_flag(name)} {path}: no such folder")
     return str(path)
 
 
+@_options(override=_literal_dict)
 def evaluate(
     model: str,
     dataset_dir: str,
@@ -406,24 +417,23 @@ def evaluate(
     from .serve.registry import run_registered_bundle
     from .train.settings import config_path
 
-    model = _text_option("model", model, False)
     overrides = {
-        **_dict_option("override", override),
+        **(override or {}),
         "dataset_dir": _input_folder("dataset_dir", dataset_dir),
-        "eval_split": _text_option("eval_split", eval_split, False),
+        "eval_split": eval_split,
     }
     config_path("--dataset-dir", overrides["dataset_dir"])  # '#' refused before the folder is made
-    config_path("--out", _text_option("out", out, False))
+    config_path("--out", out)
     out = _output_folder("out", out, inputs={"dataset_dir": overrides["dataset_dir"]})
     metrics = run_registered_bundle(
-        model, "evaluate", out, tracking_uri=_text_option("tracking_uri", tracking_uri),
-        any_uri=_bool_option("any_model_uri", any_model_uri), **overrides,
-    )  # fmt: skip
+        model, "evaluate", out, tracking_uri=tracking_uri, any_uri=any_model_uri, **overrides
+    )
     report = json.loads(metrics.read_text())
     print(f"evaluated {model} on {report['images']} images of {overrides['eval_split']}: {metrics}")
     print(json.dumps({"model": model, "metrics": str(metrics), "mean": report["mean"]}))
 
 
+@_options(override=_literal_dict)
 def predict(
     model: str,
     images: str,
@@ -445,25 +455,24 @@ def predict(
     from .serve.registry import run_registered_bundle
     from .train.settings import config_path
 
-    model = _text_option("model", model, False)
-    overrides = {**_dict_option("override", override), "dataset_dir": _input_folder("images", images)}
+    overrides = {**(override or {}), "dataset_dir": _input_folder("images", images)}
     config_path("--images", overrides["dataset_dir"])  # '#' refused before the folder is made
-    config_path("--out", _text_option("out", out, False))
+    config_path("--out", out)
     out = _output_folder("out", out, inputs={"images": overrides["dataset_dir"]})
     folder = run_registered_bundle(
-        model, "inference", out, tracking_uri=_text_option("tracking_uri", tracking_uri),
-        any_uri=_bool_option("any_model_uri", any_model_uri), **overrides,
-    )  # fmt: skip
+        model, "inference", out, tracking_uri=tracking_uri, any_uri=any_model_uri, **overrides
+    )
     written = sorted(p.name for p in folder.iterdir() if p.is_file())
     print(f"{len(written)} masks from {model} in {folder}")
     print(json.dumps({"model": model, "out": str(folder), "masks": len(written)}))
 
 
+@_options(format=_texts, override=_literal_dict)
 def export(
     bundle_dir: str,
     out: str,
     checkpoint: str | None = None,
-    format="torchscript,onnx",
+    format=("torchscript", "onnx"),
     override: dict | None = None,
 ):
     """Export a trained bundle's network as TorchScript (model.ts) and ONNX (model.onnx), any image size.
@@ -481,17 +490,13 @@ def export(
     """
     from .serve.export import export_bundle
 
-    formats = format if isinstance(format, (list, tuple)) else str(format).split(",")
-    formats = tuple(str(f).strip().lower() for f in formats if str(f).strip())
-    bundle_dir = _text_option("bundle_dir", bundle_dir, False)
-    checkpoint = _text_option("checkpoint", checkpoint)
     reads = {"bundle_dir": bundle_dir, "checkpoint": checkpoint}
     results = export_bundle(
         bundle_dir,
         _output_folder("out", out, inputs=reads, writes=("model.ts", "model.onnx")),
         checkpoint=checkpoint,
-        formats=formats,
-        overrides=_dict_option("override", override) or None,
+        formats=tuple(f.lower() for f in format),
+        overrides=override or None,
     )
     for fmt, result in results.items():
         difference = result["max_abs_difference"]
@@ -499,6 +504,7 @@ def export(
     print(json.dumps(results))
 
 
+@_options()
 def segment_volume(
     volume: str,
     out: str,
@@ -524,28 +530,28 @@ def segment_volume(
     from .serve.registry import bundle_predictor
     from .serve.volume import segment_volume as segment
 
-    path = Path(_text_option("volume", volume, False))
+    path = Path(volume)
     if not path.exists():
         raise InvalidInputError(f"--volume {path}: no such file or DICOM folder")
     from .prep.outputs import VOLUME_SUFFIXES
 
-    checkpoint = _text_option("checkpoint", checkpoint)
     reads = {"volume": path, "checkpoint": checkpoint}
     out = _output_file("out", out, inputs=reads, suffixes=VOLUME_SUFFIXES)
     with tempfile.TemporaryDirectory() as tmp:
         predictor = bundle_predictor(
             Path(tmp),
             checkpoint=checkpoint,
-            bundle_dir=_text_option("bundle_dir", bundle_dir),
-            model_uri=_text_option("model", model),
-            tracking_uri=_text_option("tracking_uri", tracking_uri),
-            any_uri=_bool_option("any_model_uri", any_model_uri),
+            bundle_dir=bundle_dir,
+            model_uri=model,
+            tracking_uri=tracking_uri,
+            any_uri=any_model_uri,
         )
         summary = segment(path, out, predictor)
     print(f"{summary['slices_with_mask']} of {summary['shape'][0]} slices segmented -> {out}")
     print(json.dumps(summary))
 
 
+@_options(ids=_texts, samples=_integer(1), seed=_integer(0))
 def report(
     dataset_dir: str,
     out: str,
@@ -591,8 +597,6 @@ def report(
 
     if preset not in PRESETS:  # before any work, as pseudo-masks does
         raise InvalidInputError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
-    seed = _int_option("seed", seed, 0, optional=False)
-    samples = _int_option("samples", samples, 1, optional=False)
     record = None
     if run_dir is not None:
         run = Path(_input_folder("run_dir", run_dir))
@@ -608,29 +612,28 @@ def report(
     if record is not None:
         tracking_uri = tracking_uri or record["tracking_uri"]
         run_id = run_id or record["run_id"]
-    if ids is not None and not isinstance(ids, (list, tuple)):
-        ids = [ids]
     reads = {"dataset_dir": dataset_dir, "gaze_csv": gaze_csv, "metrics": metrics, "checkpoint": checkpoint}
     writes = ("samples", "curves.png", "dice.png", "report.html")
     result = write_report(
         out=_output_folder("out", out, inputs=reads, writes=writes),
         dataset_dir=_input_folder("dataset_dir", dataset_dir),
-        gaze_csv=_text_option("gaze_csv", gaze_csv),
-        preset=_text_option("preset", preset, False),
-        ids=[str(i) for i in ids] if ids is not None else None,
+        gaze_csv=gaze_csv,
+        preset=preset,
+        ids=ids,
         samples=samples,
         seed=seed,
-        checkpoint=_text_option("checkpoint", checkpoint),
-        bundle_dir=_text_option("bundle_dir", bundle_dir),
-        model_uri=_text_option("model", model),
-        tracking_uri=_text_option("tracking_uri", tracking_uri),
-        run_id=_text_option("run_id", run_id),
-        metrics=_text_option("metrics", metrics),
+        checkpoint=checkpoint,
+        bundle_dir=bundle_dir,
+        model_uri=model,
+        tracking_uri=tracking_uri,
+        run_id=run_id,
+        metrics=metrics,
     )
     print(f"report of {len(result['samples'])} images, {len(result['pictures'])} pictures: {result['html']}")
     print(json.dumps(result))
 
 
+@_options(test_fraction=_number("in [0, 1)", lambda v: 0 <= v < 1), seed=_integer(0), test_patients=_texts)
 def prepare_slices(
     out: str,
     nifti_images: str | None = None,
@@ -671,29 +674,12 @@ def prepare_slices(
         raise InvalidInputError("--nifti-images and --nifti-masks go together")
     if dicom and not (dicom_root and labels_root):
         raise InvalidInputError("--dicom-root and --labels-root go together")
-    out = _text_option("out", out, False)
-    nifti_images, nifti_masks = (
-        _text_option("nifti_images", nifti_images),
-        _text_option("nifti_masks", nifti_masks),
-    )
-    dicom_root, labels_root = _text_option("dicom_root", dicom_root), _text_option("labels_root", labels_root)
-    seed = _int_option("seed", seed, 0, optional=False)
-    if not 0.0 <= _number_option("test_fraction", test_fraction, positive=False) < 1.0:
-        raise InvalidInputError(f"--test-fraction must be in [0, 1), got {test_fraction!r}")
     reads = {"nifti_images": nifti_images, "nifti_masks": nifti_masks, "dicom_root": dicom_root}
     reads["labels_root"] = labels_root
     writes = ("images", "masks", "train.txt", "test.txt", "manifest.json")
     _output_folder("out", out, create=False, inputs=reads, writes=writes)  # made once every volume is read
     cases = nifti_cases(nifti_images, nifti_masks) if nifti else nci_isbi_cases(dicom_root, labels_root)
-    if isinstance(test_patients, bool):
-        raise InvalidInputError("--test-patients needs a value such as 020,021")
-    if isinstance(test_patients, str):
-        test_patients = [p.strip() for p in test_patients.split(",") if p.strip()]
-    elif isinstance(test_patients, (int, float)):
-        test_patients = [str(test_patients)]
-    elif isinstance(test_patients, (list, tuple)):  # fire reads 020,021 as a tuple (of numbers)
-        test_patients = [str(p) for p in test_patients]
-    summary = run(cases, out, test_fraction=float(test_fraction), seed=seed, test_patients=test_patients)
+    summary = run(cases, out, test_fraction=test_fraction, seed=seed, test_patients=test_patients)
     print(
         f"prepared {summary['slices']} gland slices of {summary['patients']} patients: "
         f"train {summary['train_slices']} ({', '.join(summary['train_patients'])}), "
@@ -739,6 +725,9 @@ def _bound_crop_size(size: int) -> None:
     check_memory("--size", size, 4.0 * size * size, "one crop", largest=largest, available=available)
 
 
+@_options(
+    val_fraction=_number(), seed=_integer(0), crop_fraction=_number(), min_cover=_number(), size=_integer(8)
+)
 def derive_image_labels(
     dataset_dir: str,
     out: str,
@@ -781,13 +770,10 @@ def derive_image_labels(
     from .train.datalists import read_split, validation_split
 
     dataset_dir = Path(_input_folder("dataset_dir", dataset_dir))
-    out = _text_option("out", out, False)
     if kind not in ("crops", "slices"):
         raise InvalidInputError(f"--kind must be 'crops' or 'slices', got {kind!r}")
-    seed = _int_option("seed", seed, 0, optional=False)
     if val_fraction is None:
         val_fraction = 0.1 if kind == "crops" else 0.34
-    val_fraction = _number_option("val_fraction", val_fraction)
     group = None if kind == "crops" else "patient"
     if kind == "slices" and not (dataset_dir / "manifest.json").is_file():
         raise MissingInputError(
@@ -798,14 +784,13 @@ def derive_image_labels(
     writes = ("labels.csv", "manifest.json", "polyp", "no_polyp", "gland", "no_gland")
     _output_folder("out", out, create=False, inputs={"dataset_dir": dataset_dir}, writes=writes)
     if kind == "crops":
-        size = _int_option("size", size, 8, optional=False)
         _bound_crop_size(size)
         summary = derive_crop_labels(
             dataset_dir,
             train_ids,
             out,
-            crop_fraction=_number_option("crop_fraction", crop_fraction),
-            min_cover=_number_option("min_cover", min_cover),
+            crop_fraction=crop_fraction,
+            min_cover=min_cover,
             size=size,
             seed=seed,
         )
@@ -822,6 +807,15 @@ def derive_image_labels(
     )
 
 
+@_options(
+    port=_integer(1, 65535),
+    seed=_integer(0),
+    speed=_number(),
+    tracker_port=_integer(1, 65535),
+    calibration_seconds=_number(),
+    screen_width_cm=_number(),
+    distance_cm=_number(),
+)
 def annotate(
     images: str | None = None,
     out: str | None = None,
@@ -886,34 +880,29 @@ def annotate(
 
     require_pymovements()  # the optional extra gazemonai[record]: said now, not at the first key press
 
-    server = _text_option("server", server)
-    out = _output_file("out", _text_option("out", out, False))
+    if out is None:
+        raise InvalidInputError("annotate needs --out CSV (the fixation file to write)")
+    out = _output_file("out", out)
     if server is None and images is None:
         raise InvalidInputError("annotate needs --images DIR (a folder of images) or --server URL")
     if server is None:
-        images = _input_folder("images", _text_option("images", images, False))
+        images = _input_folder("images", images)
     elif images is not None:
         raise InvalidInputError("--images goes without --server (the images come from its datastore)")
-    port = _int_option("port", port, 1, optional=False)
-    if port > 65535:
-        raise InvalidInputError(f"--port must be <= 65535, got {port}")
-    source = _text_option("source", source, False)
     if source not in ("pointer", "gazepoint", "replay"):
         raise InvalidInputError(f"--source must be pointer, gazepoint or replay, got {source!r}")
-    preset = _text_option("preset", preset, False)
     if preset not in PRESETS:
         raise InvalidInputError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
     options = {
-        "annotator": _text_option("annotator", annotator, False),
-        "order": _text_option("order", order, False),
-        "seed": _int_option("seed", seed, 0, optional=False),
-        "again": _bool_option("again", again),
+        "annotator": annotator,
+        "order": order,
+        "seed": seed,
+        "again": again,
         "config": PRESETS[preset],
-        "calibration_point_s": _number_option("calibration_seconds", calibration_seconds),
-        "screen_width_cm": _number_option("screen_width_cm", screen_width_cm),
-        "distance_cm": _number_option("distance_cm", distance_cm),
+        "calibration_point_s": calibration_seconds,
+        "screen_width_cm": screen_width_cm,
+        "distance_cm": distance_cm,
     }
-    replay, events = _text_option("replay", replay), _text_option("events", events)
     if source == "replay" and replay is None:
         raise InvalidInputError("--source replay needs --replay RAW.csv (a raw sample file)")
     if source != "replay" and (replay or events):
@@ -925,7 +914,7 @@ def annotate(
         if events is not None:
             raise InvalidInputError("--events (a headless replay) goes without --server")
         images = str(Path(out).with_name(Path(out).stem + "_images"))
-        label_server = LabelServer(server, _text_option("strategy", strategy, False), images)
+        label_server = LabelServer(server, strategy, images)
         label_server.connect()  # a one-line error now when it does not answer or is not MONAI Label
         options["label_server"] = label_server
     if events is not None:
@@ -935,12 +924,10 @@ def annotate(
         print(f"replayed {len(summary['results'])} images into {out}")
         print(json.dumps({k: v for k, v in summary.items() if k != "results"}))
         return
-    speed = _number_option("speed", speed)
     if source == "replay":
         gaze = make_source("replay", path=replay, speed=speed)
     elif source == "gazepoint":
-        tport = _int_option("tracker_port", tracker_port, 1, optional=False)
-        gaze = make_source("gazepoint", host=_text_option("tracker_host", tracker_host, False), port=tport)
+        gaze = make_source("gazepoint", host=tracker_host, port=tracker_port)
     else:
         gaze = make_source("pointer")
     import socket
@@ -980,21 +967,19 @@ def _see_help(command: str) -> str:
     return f"`gazemonai {command} --help` lists the options"
 
 
-def _is_number(token: str) -> bool:
-    try:
-        float(token)
-    except ValueError:
-        return False
-    return True
+#: What fire reads as an option rather than a value: ``--name``, or ``-`` and a letter (``-5`` is a value).
+_OPTION = re.compile(r"--|-[A-Za-z]")
 
 
 def _check_flags(argv: list[str]) -> None:
-    """Refuse what the command would not understand, before it runs.
+    """Refuse what the command would not understand, before it runs: what declared types cannot do.
 
     fire runs a command with the arguments it recognised and complains about the others only
-    afterwards, so a misspelled option or one argument too many would run a whole job with the
-    defaults first. Options are ``--name value``, ``--name=value``, ``--flag`` / ``--noflag`` for
-    true/false settings; the rest are the command's arguments in order.
+    afterwards (what is left is for the command's result, in a chain of calls), so a misspelled option
+    or one argument too many would run a whole job with the defaults first. And it reads an option
+    without its value (``--out`` last, or followed by another option) as ``--out True``, handing the
+    declared type the text "True", the same as for a folder named True. Options are ``--name value``,
+    ``--name=value``, ``--flag`` / ``--noflag`` for switches; the rest are the arguments in order.
     """
     if not argv or argv[0] not in COMMANDS:
         return
@@ -1018,12 +1003,12 @@ def _check_flags(argv: list[str]) -> None:
             following = tokens[i + 1] if i + 1 < len(tokens) else None
             if "=" not in token and not negated:
                 if isinstance(params[target].default, bool):
-                    i += following in ("True", "False", "true", "false")
-                elif following is None or (following.startswith("-") and not _is_number(following)):
+                    i += following is not None and following.lower() in ("true", "false")
+                elif following is None or _OPTION.match(following):
                     raise InvalidInputError(f"{command}: {_flag(target)} needs a value")
                 else:
                     i += 1
-        elif token.startswith("-") and not _is_number(token):
+        elif _OPTION.match(token):
             raise InvalidInputError(
                 f"{command}: unknown option {token}; options are written --name (see --help)"
             )

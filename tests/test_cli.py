@@ -268,6 +268,9 @@ BAD_PSEUDO_MASKS = {
     ),
     "an option without its value": (["--split"], "--split needs a value"),
     "thresholds without a value": (["--thresholds", "--quiet"], "--thresholds needs a value"),
+    "sigma beyond a float (1e400 is inf)": (["--sigma", "1e400"], "--sigma must be a number, got"),
+    "limit not an integer": (["--limit", "1e3"], "--limit must be an integer >= 1, got"),
+    "a switch with a word": (["--quiet=yes"], "--quiet takes no value, got 'yes'"),
     "split not UTF-8": (
         lambda d, o: ["--split", _write(d / "l.txt", b"synth_000\nsynth_\xff\n", True)],
         "l.txt, line 2: not UTF-8",
@@ -566,3 +569,69 @@ def test_a_second_prepare_slices_into_the_same_out_is_refused(tmp_path):
                 "--nifti-masks", tmp_path / "masks", check_rc=2)  # fmt: skip
     assert "is being written by another `gazemonai prepare-slices`" in p.stderr
     assert not (tmp_path / "out" / "images").exists()
+
+
+# -- option types are declared (fire.decorators.SetParseFns), never guessed from the text (#25) --------
+
+
+@pytest.mark.parametrize("name", ["1e3", "0x10", "1_000", "a#b", "(5)", "True", "0123"])
+def test_a_path_is_the_text_as_typed_never_a_number_or_a_literal(synthetic_root, tmp_path, monkeypatch, name):
+    """fire read `--out 1e3` as the float 1000.0 and wrote "1000.0", `a#b` as `a` (a comment), `(5)` as 5."""
+    from gazemonai.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    main(["simulate-gaze", "--masks", str(synthetic_root / "masks"), "--out", name])
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+def test_an_empty_out_is_refused_not_taken_as_the_current_folder(dataset, tmp_path, monkeypatch, capsys):
+    """`--out ''` was Path(''), the current folder: pseudo-masks wrote its folders there."""
+    from gazemonai.cli import main
+
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pseudo-masks", "--data-root", str(dataset), "--gaze-csv", str(dataset / "gaze.csv"),
+              "--out", "", "--quiet", "--no-crf"])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2
+    assert err == "gazemonai: error: --out needs a value such as a path or a name"
+    assert not any((tmp_path / "here").iterdir())
+
+
+def test_a_switch_takes_true_or_false_as_its_word_too(dataset, tmp_path):
+    """`--quiet true` passed the option check as the switch's word, then was refused ("takes no value")."""
+    p = pseudo_masks(dataset, tmp_path / "out", "--quiet", "true", "--no-crf", "True", "--no-maps=False",
+                     "--limit", 1)  # fmt: skip
+    summary = last_json(p)
+    assert summary["done"] == 1 and "%|" not in p.stderr  # quiet: no progress bar
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["config"]["refine"] is False and (tmp_path / "out" / "heatmap").is_dir()
+
+
+def test_test_patients_are_names_as_typed(tmp_path):
+    """020,021 stays the two names "020" and "021" (fire's guess gave a tuple or a number to undo)."""
+    import nibabel as nib
+
+    for case in ("001", "020", "021"):
+        for folder, name in (("images", f"{case}_t2"), ("masks", f"{case}_t2_seg")):
+            (tmp_path / folder).mkdir(exist_ok=True)
+            volume = np.arange(192.0).reshape(8, 8, 3) if folder == "images" else np.ones((8, 8, 3))
+            path = tmp_path / folder / f"{name}.nii.gz"
+            nib.save(nib.Nifti1Image(volume.astype(np.float32), np.eye(4)), path)
+    p = run("prepare-slices", "--out", tmp_path / "out", "--nifti-images", tmp_path / "images",
+            "--nifti-masks", tmp_path / "masks", "--test-patients", "020,021")  # fmt: skip
+    assert last_json(p)["test_patients"] == ["020", "021"] and last_json(p)["train_patients"] == ["001"]
+
+
+def test_every_option_of_every_command_has_a_declared_type():
+    """No option is left to fire's guessing: each has its parse function (fire.decorators.SetParseFns)."""
+    import inspect
+
+    from fire.decorators import GetParseFns
+
+    from gazemonai.cli import COMMANDS
+
+    for name, command in COMMANDS.items():
+        declared = GetParseFns(command)["named"]
+        assert set(declared) == set(inspect.signature(command).parameters), name
