@@ -244,3 +244,44 @@ def test_artifacts_go_beside_a_sqlite_store_whose_folder_name_needs_quoting(tmp_
     assert len(logged) == 1 and logged[0].read_text() == "kept" and run.info.run_id in str(logged[0])
     assert list((tmp_path / "cwd").iterdir()) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cwd", "notes.txt", "r o?t%41é"]
+
+
+def test_monai_tracking_switch_gives_one_run_tagged_with_its_source_and_a_nested_evaluation(
+    synthetic_root, tmp_path
+):
+    """``monai.bundle run ... --tracking mlflow`` as MONAI's users type it (#25 items 6, 7): one FINISHED
+    training run, named after the supervision and the run folder, with the settings a user passed, the
+    source tags, and the evaluation nested under it."""
+    from helpers import ROOT, TRAINED, bundle, configs, mlflow_runs
+
+    out = tmp_path / "kvasir_small"
+    root = synthetic_root
+    data = ["--dataset_dir", root, "--gaze_csv", root / "gaze.csv", "--val_fraction", "0.5"]
+    common = ["--bundle_root", out, *data, *TRAINED, "--batch_size", 2, "--num_workers", 0,
+              "--cache_workers", 1, "--tracking", "mlflow"]  # fmt: skip
+    bundle("--config_file", configs("kvasir_gaze", "train.json"), *common, "--epochs", 2, "--limit", 6,
+           "--train_fraction", 1.0)  # fmt: skip
+    (train,) = mlflow_runs(out / "outputs" / "mlruns.db", "kvasir_gaze")
+    assert train.info.status == "FINISHED" and train.info.run_name == "gaze_kvasir_small"
+    assert {"train_loss", "val_mean_dice", "lr_group_0"} <= set(train.data.metrics)
+    params = train.data.params
+    assert [params[k] for k in ("limit", "train_fraction", "seed", "epochs")] == ["6", "1.0", "0", "2"]
+    assert (params["image_size"], params["batch_size"], params["learning_rate"]) == ("[32, 32]", "2", "0.002")
+    tags = train.data.tags
+    git = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True)
+    assert tags.get("mlflow.source.git.commit") == (git.stdout.strip() or None)  # None: not a checkout
+    assert tags["mlflow.source.type"] == "LOCAL" and tags["mlflow.user"]
+    assert tags["mlflow.source.name"].endswith("bundles/kvasir_gaze/configs/train.json")
+    record = json.loads((out / "models" / "mlflow_run.json").read_text())
+    assert record["run_id"] == train.info.run_id
+
+    evaluate = configs("kvasir_gaze", "train.json", "evaluate.json")
+    bundle("--config_file", evaluate, *common, "--eval_split", "val")
+    runs = {r.info.run_name: r for r in mlflow_runs(out / "outputs" / "mlruns.db", "kvasir_gaze")}
+    assert sorted(runs) == ["evaluate_val_kvasir_small", "gaze_kvasir_small"]
+    evaluation = runs["evaluate_val_kvasir_small"]
+    assert evaluation.info.status == "FINISHED" and "eval_mean_dice" in evaluation.data.metrics
+    assert evaluation.data.tags["mlflow.parentRunId"] == train.info.run_id  # nested under it in MLflow's UI
+    assert evaluation.data.tags["gazemonai.trained_run_id"] == train.info.run_id
+    assert evaluation.data.params["eval_split"] == "val"
+    assert evaluation.data.params["checkpoint"] == str(out / "models" / "model.pt")
