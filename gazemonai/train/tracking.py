@@ -432,13 +432,13 @@ class MLflowTracking:
             metrics.update(
                 {f"{name}_group_{i}": group[name] for i, group in enumerate(optimizer.param_groups)}
             )
-        self._log_metrics(metrics, engine.state.iteration)
+        self._send_metrics(metrics, engine.state.iteration)
 
     def epoch_completed(self, engine) -> None:
         metrics = dict(engine.state.metrics or {})
         metrics.update({a: getattr(engine.state, a, None) for a in self.state_attributes})
         if metrics:
-            self._log_metrics(metrics, engine.state.epoch)
+            self._send_metrics(metrics, engine.state.epoch)
 
     def retry(self, engine=None) -> None:
         """While the server is unreachable, send the journal again (at most every ``retry_seconds``)."""
@@ -579,7 +579,7 @@ class MLflowTracking:
 
     # -- logging, queueing, falling back ------------------------------------------------------
 
-    def _log_metrics(self, metrics: dict[str, Any], step: int) -> None:
+    def _send_metrics(self, metrics: dict[str, Any], step: int) -> None:
         values = {}
         for key, value in flatten_dict(metrics).items():
             known = self._known_steps(key)

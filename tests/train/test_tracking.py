@@ -285,3 +285,66 @@ def test_monai_tracking_switch_gives_one_run_tagged_with_its_source_and_a_nested
     assert evaluation.data.tags["gazemonai.trained_run_id"] == train.info.run_id
     assert evaluation.data.params["eval_split"] == "val"
     assert evaluation.data.params["checkpoint"] == str(out / "models" / "model.pt")
+
+
+def _logged(uri, run_name="r"):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    run, _ = _history(uri, run_name)
+    history = {k: client.get_metric_history(run.info.run_id, k) for k in run.data.metrics}
+    return run, {k: sorted((m.step, m.value) for m in v) for k, v in history.items()}
+
+
+def test_it_logs_what_monais_handler_logs_without_reaching_into_it(tmp_path):
+    """The same metrics (names, steps, values) and parameters as MONAI's ``MLFlowHandler`` for one run,
+    from a handler of its own: no subclass overriding MONAI's private methods (#25 item 10)."""
+    import torch
+    from monai.handlers import MLFlowHandler
+    from monai.utils import path_to_sqlite_uri
+
+    def run(handler_class, folder, **extra):
+        engine = Engine(lambda e, b: {"loss": 0.5 * e.state.iteration})
+        engine.optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.25)
+        dice = lambda e: e.state.metrics.update(dice=e.state.epoch / 10)  # noqa: E731
+        engine.add_event_handler(Events.EPOCH_COMPLETED, dice)
+        uri = path_to_sqlite_uri(str(tmp_path / folder / "mlruns.db"))
+        handler_class(tracking_uri=uri, experiment_name="e", run_name="r", tag_name="train_loss",
+                      output_transform=lambda out: out["loss"], state_attributes=["iteration"],
+                      experiment_param={"seed": 0, "size": [32, 32]}, close_on_complete=True,
+                      **extra).attach(engine)  # fmt: skip
+        engine.run([0, 0, 0], max_epochs=2)
+        return _logged(uri)
+
+    (tmp_path / "monai").mkdir()
+    theirs, their_history = run(MLFlowHandler, "monai")
+    ours, our_history = run(MLflowTracking, "ours", pending_path=tmp_path / "ours" / "j.jsonl")
+    assert our_history == their_history
+    assert set(our_history) == {"train_loss", "lr_group_0", "dice", "iteration"}
+    assert ours.data.params == theirs.data.params == {
+        "seed": "0", "size": "[32, 32]", "max_epochs": "2", "epoch_length": "3"
+    }  # fmt: skip
+    assert ours.info.status == theirs.info.status == "FINISHED"
+    assert not issubclass(MLflowTracking, MLFlowHandler)
+    assert not [name for name in vars(MLflowTracking) if name in vars(MLFlowHandler) and name.startswith("_")
+                and not name.startswith("__")]  # fmt: skip
+
+
+def test_an_offline_evaluation_keeps_its_tags_and_its_link_to_the_training(tmp_path):
+    """Tags wait in the journal with the rest; the local store's run names the training it evaluates."""
+    from mlflow.tracking import MlflowClient
+
+    (tmp_path / "models").mkdir()
+    record = {"tracking_uri": "sqlite:////elsewhere/mlruns.db", "experiment_name": "e", "run_name": "t",
+              "run_id": "0123abcd", "config_dir": None, "settings": None}  # fmt: skip
+    (tmp_path / "models" / "mlflow_run.json").write_text(json.dumps(record))
+    engine = Engine(lambda e, b: {"loss": 1.0})
+    MLflowTracking(tracking_uri=f"http://127.0.0.1:{free_port()}", experiment_name="e", run_name="r",
+                   pending_path=tmp_path / "j.jsonl", output_transform=lambda out: out["loss"],
+                   trained_run_record=tmp_path / "models" / "mlflow_run.json", log_config=True,
+                   close_on_complete=True).attach(engine)  # fmt: skip
+    engine.run([0], max_epochs=1)
+    run, _ = _history(f"sqlite:///{tmp_path / 'mlruns.db'}", key="Loss")
+    tags = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}").get_run(run.info.run_id).data.tags
+    assert tags["gazemonai.trained_run_id"] == "0123abcd" and tags["mlflow.source.type"] == "LOCAL"
+    assert "mlflow.parentRunId" not in tags  # the training is in another store: no nesting into nothing
