@@ -400,7 +400,8 @@ class MLflowTracking:
         first, self._started = not self._started, True
         if self.run_id is None and not (self.offline and not self._may_try()):
             try:
-                self.run_id = self._open_run(fresh=self.fresh_run and engine.state.iteration == 0)
+                fresh = self.fresh_run and engine.state.iteration == 0
+                self.run_id = self._run_id(self.client, self.experiment_name, self.run_name, fresh)
                 self._ask_history = bool(self.client.get_run(self.run_id).data.metrics)  # a resumed run
             except Exception as e:
                 if not is_outage(e):
@@ -474,20 +475,6 @@ class MLflowTracking:
 
     # -- what this run is ---------------------------------------------------------------------
 
-    def _open_run(self, fresh: bool) -> str:
-        """The run's id: a new one for a ``fresh`` training (its unfinished namesakes marked KILLED), else
-        the newest unfinished run of the name, or a new one."""
-        if not fresh:
-            return self._run_id(self.client, self.experiment_name, self.run_name)
-        experiment_id = self._experiment_id(self.client, self.experiment_name)
-        for run in self.client.search_runs([experiment_id]):
-            if run.info.run_name == self.run_name and run.info.status == "RUNNING":
-                self.client.set_terminated(run.info.run_id, "KILLED")
-                logger.info(
-                    "MLflow run %s (%s) was left unfinished: marked KILLED", run.info.run_id, self.run_name
-                )
-        return self.client.create_run(experiment_id, run_name=self.run_name).info.run_id
-
     def _experiment_id(self, client, name: str) -> str:
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
@@ -501,16 +488,20 @@ class MLflowTracking:
             raise ValueError(f"MLflow experiment {name!r} is deleted: restore it or name another")
         return experiment.experiment_id
 
-    def _run_id(self, client, experiment_name: str, run_name: str) -> str:
-        """The newest unfinished (RUNNING) run of that name in that experiment, or a new one."""
+    def _run_id(self, client, experiment_name: str, run_name: str, fresh: bool = False) -> str:
+        """The newest unfinished (RUNNING) run of that name in that experiment, or a new one; ``fresh``: a
+        new one, the unfinished ones (a killed attempt's) marked KILLED."""
         experiment_id = self._experiment_id(client, experiment_name)
         runs = [
             r
             for r in client.search_runs([experiment_id])
             if r.info.run_name == run_name and r.info.status == "RUNNING"
         ]
-        if runs:
+        if runs and not fresh:
             return max(runs, key=lambda r: r.info.start_time).info.run_id
+        for run in runs:
+            client.set_terminated(run.info.run_id, "KILLED")
+            logger.info("MLflow run %s (%s) was left unfinished: marked KILLED", run.info.run_id, run_name)
         return client.create_run(experiment_id, run_name=run_name).info.run_id
 
     def _tags(self) -> dict[str, str]:
