@@ -96,7 +96,8 @@ def test_train_evaluate_infer_resume_on_generated_data(synthetic_root, tmp_path)
     assert set(report["mean"]) == {"ensemble", "level_1", "level_2"}
     assert set(report["per_image"][0]["ensemble"]) == {"dice", "iou"}
     assert [r["id"] for r in report["per_image"]] == ["synth_004", "synth_005"]
-    evaluation = [r for r in mlflow_runs(out / "outputs" / "mlruns.db") if r.info.run_name == "evaluate_test"]
+    runs = mlflow_runs(out / "outputs" / "mlruns.db")
+    evaluation = [r for r in runs if r.info.run_name == "evaluate_test_bundle"]  # <split>_<folder>
     assert len(evaluation) == 1 and evaluation[0].data.metrics["eval_mean_dice"] == pytest.approx(
         report["mean"]["ensemble"]["dice"], abs=1e-5
     )

@@ -244,3 +244,107 @@ def test_artifacts_go_beside_a_sqlite_store_whose_folder_name_needs_quoting(tmp_
     assert len(logged) == 1 and logged[0].read_text() == "kept" and run.info.run_id in str(logged[0])
     assert list((tmp_path / "cwd").iterdir()) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cwd", "notes.txt", "r o?t%41é"]
+
+
+def test_monai_tracking_switch_gives_one_run_tagged_with_its_source_and_a_nested_evaluation(
+    synthetic_root, tmp_path
+):
+    """``monai.bundle run ... --tracking mlflow`` as MONAI's users type it (#25 items 6, 7): one FINISHED
+    training run, named after the supervision and the run folder, with the settings a user passed, the
+    source tags, and the evaluation nested under it."""
+    from helpers import ROOT, TRAINED, bundle, configs, mlflow_runs
+
+    out = tmp_path / "kvasir_small"
+    root = synthetic_root
+    data = ["--dataset_dir", root, "--gaze_csv", root / "gaze.csv", "--val_fraction", "0.5"]
+    common = ["--bundle_root", out, *data, *TRAINED, "--batch_size", 2, "--num_workers", 0,
+              "--cache_workers", 1, "--tracking", "mlflow"]  # fmt: skip
+    bundle("--config_file", configs("kvasir_gaze", "train.json"), *common, "--epochs", 2, "--limit", 6,
+           "--train_fraction", 1.0)  # fmt: skip
+    (train,) = mlflow_runs(out / "outputs" / "mlruns.db", "kvasir_gaze")
+    assert train.info.status == "FINISHED" and train.info.run_name == "gaze_kvasir_small"
+    assert {"train_loss", "val_mean_dice", "lr_group_0"} <= set(train.data.metrics)
+    params = train.data.params
+    assert [params[k] for k in ("limit", "train_fraction", "seed", "epochs")] == ["6", "1.0", "0", "2"]
+    assert (params["image_size"], params["batch_size"], params["learning_rate"]) == ("[32, 32]", "2", "0.002")
+    tags = train.data.tags
+    git = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True)
+    assert tags.get("mlflow.source.git.commit") == (git.stdout.strip() or None)  # None: not a checkout
+    assert tags["mlflow.source.type"] == "LOCAL" and tags["mlflow.user"]
+    assert tags["mlflow.source.name"].endswith("bundles/kvasir_gaze/configs/train.json")
+    record = json.loads((out / "models" / "mlflow_run.json").read_text())
+    assert record["run_id"] == train.info.run_id
+
+    evaluate = configs("kvasir_gaze", "train.json", "evaluate.json")
+    bundle("--config_file", evaluate, *common, "--eval_split", "val")
+    runs = {r.info.run_name: r for r in mlflow_runs(out / "outputs" / "mlruns.db", "kvasir_gaze")}
+    assert sorted(runs) == ["evaluate_val_kvasir_small", "gaze_kvasir_small"]
+    evaluation = runs["evaluate_val_kvasir_small"]
+    assert evaluation.info.status == "FINISHED" and "eval_mean_dice" in evaluation.data.metrics
+    assert evaluation.data.tags["mlflow.parentRunId"] == train.info.run_id  # nested under it in MLflow's UI
+    assert evaluation.data.tags["gazemonai.trained_run_id"] == train.info.run_id
+    assert evaluation.data.params["eval_split"] == "val"
+    assert evaluation.data.params["checkpoint"] == str(out / "models" / "model.pt")
+
+
+def _logged(uri, run_name="r"):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    run, _ = _history(uri, run_name)
+    history = {k: client.get_metric_history(run.info.run_id, k) for k in run.data.metrics}
+    return run, {k: sorted((m.step, m.value) for m in v) for k, v in history.items()}
+
+
+def test_it_logs_what_monais_handler_logs_without_reaching_into_it(tmp_path):
+    """The same metrics (names, steps, values) and parameters as MONAI's ``MLFlowHandler`` for one run,
+    from a handler of its own: no subclass overriding MONAI's private methods (#25 item 10)."""
+    import torch
+    from monai.handlers import MLFlowHandler
+    from monai.utils import path_to_sqlite_uri
+
+    def run(handler_class, folder, **extra):
+        engine = Engine(lambda e, b: {"loss": 0.5 * e.state.iteration})
+        engine.optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.25)
+        dice = lambda e: e.state.metrics.update(dice=e.state.epoch / 10)  # noqa: E731
+        engine.add_event_handler(Events.EPOCH_COMPLETED, dice)
+        uri = path_to_sqlite_uri(str(tmp_path / folder / "mlruns.db"))
+        handler_class(tracking_uri=uri, experiment_name="e", run_name="r", tag_name="train_loss",
+                      output_transform=lambda out: out["loss"], state_attributes=["iteration"],
+                      experiment_param={"seed": 0, "size": [32, 32]}, close_on_complete=True,
+                      **extra).attach(engine)  # fmt: skip
+        engine.run([0, 0, 0], max_epochs=2)
+        return _logged(uri)
+
+    (tmp_path / "monai").mkdir()
+    theirs, their_history = run(MLFlowHandler, "monai")
+    ours, our_history = run(MLflowTracking, "ours", pending_path=tmp_path / "ours" / "j.jsonl")
+    assert our_history == their_history
+    assert set(our_history) == {"train_loss", "lr_group_0", "dice", "iteration"}
+    assert ours.data.params == theirs.data.params == {
+        "seed": "0", "size": "[32, 32]", "max_epochs": "2", "epoch_length": "3"
+    }  # fmt: skip
+    assert ours.info.status == theirs.info.status == "FINISHED"
+    assert not issubclass(MLflowTracking, MLFlowHandler)
+    assert not [name for name in vars(MLflowTracking) if name in vars(MLFlowHandler) and name.startswith("_")
+                and not name.startswith("__")]  # fmt: skip
+
+
+def test_an_offline_evaluation_keeps_its_tags_and_its_link_to_the_training(tmp_path):
+    """Tags wait in the journal with the rest; the local store's run names the training it evaluates."""
+    from mlflow.tracking import MlflowClient
+
+    (tmp_path / "models").mkdir()
+    record = {"tracking_uri": "sqlite:////elsewhere/mlruns.db", "experiment_name": "e", "run_name": "t",
+              "run_id": "0123abcd", "config_dir": None, "settings": None}  # fmt: skip
+    (tmp_path / "models" / "mlflow_run.json").write_text(json.dumps(record))
+    engine = Engine(lambda e, b: {"loss": 1.0})
+    MLflowTracking(tracking_uri=f"http://127.0.0.1:{free_port()}", experiment_name="e", run_name="r",
+                   pending_path=tmp_path / "j.jsonl", output_transform=lambda out: out["loss"],
+                   trained_run_record=tmp_path / "models" / "mlflow_run.json", log_config=True,
+                   close_on_complete=True).attach(engine)  # fmt: skip
+    engine.run([0], max_epochs=1)
+    run, _ = _history(f"sqlite:///{tmp_path / 'mlruns.db'}", key="Loss")
+    tags = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}").get_run(run.info.run_id).data.tags
+    assert tags["gazemonai.trained_run_id"] == "0123abcd" and tags["mlflow.source.type"] == "LOCAL"
+    assert "mlflow.parentRunId" not in tags  # the training is in another store: no nesting into nothing
