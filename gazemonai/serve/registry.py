@@ -12,8 +12,8 @@ configs/inference.json`` writes, without files::
     model = mlflow.pyfunc.load_model("models:/kvasir_gaze/1")
     masks = model.predict(images)  # (N, H, W, 3) uint8 -> (N, H, W) uint8 0/1
 
-The ``gazemonai`` package travels with the model (``code_paths``), so loading needs only its
-dependencies.
+The ``gazemonai`` package travels with the model (``code_paths``), so loading needs only the few
+packages a prediction imports (:data:`SERVING_REQUIREMENTS`, the model's recorded requirements).
 """
 
 from __future__ import annotations
@@ -359,7 +359,10 @@ def register_bundle(
     and the model is logged into that run, so the version shows the run's parameters, metrics and
     config files. The version is tagged with the run's best ``val_mean_dice`` (the score of
     ``model.pt``, which is the best checkpoint), the training run id and the checkpoint's SHA-256,
-    and gets ``aliases`` (e.g. ``champion``), which move to it from older versions.
+    and gets ``aliases`` (e.g. ``champion``), which move to it from older versions. The training
+    run's validation metrics of that epoch are logged on the version's MLflow logged model, and the
+    registered model's description (bundle, input and output, load and serve commands, a row per
+    version) is rewritten, unless a person edited it (:func:`_describe_registered_model`).
 
     Args:
         bundle_dir: the bundle folder (``configs/inference.json``), e.g. ``bundles/kvasir_gaze``.
