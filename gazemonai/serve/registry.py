@@ -12,8 +12,8 @@ configs/inference.json`` writes, without files::
     model = mlflow.pyfunc.load_model("models:/kvasir_gaze/1")
     masks = model.predict(images)  # (N, H, W, 3) uint8 -> (N, H, W) uint8 0/1
 
-The ``gazemonai`` package travels with the model (``code_paths``), so loading needs only its
-dependencies.
+The ``gazemonai`` package travels with the model (``code_paths``), so loading needs only the few
+packages a prediction imports (:data:`SERVING_REQUIREMENTS`, the model's recorded requirements).
 """
 
 from __future__ import annotations
@@ -163,23 +163,33 @@ class BundlePyfuncModel(PythonModel):
         return np.stack(masks)
 
 
+#: the distributions the served model imports when it loads and predicts (gazemonai's own code travels
+#: with the model): what ``mlflow models serve`` installs in a fresh environment. The rest of the
+#: package's dependencies (pydensecrf2, built from C++ source; itk, nibabel, fire, uvicorn, ...) serve
+#: training, gaze and the CLI, never a prediction.
+SERVING_REQUIREMENTS = ("torch", "monai", "pytorch-ignite", "mlflow", "numpy", "pillow")
+
+
 def _pip_requirements() -> list[str]:
+    """:data:`SERVING_REQUIREMENTS`, pinned to the versions that logged the model (torch: the package's
+    range)."""
+    import re
     from importlib.metadata import PackageNotFoundError, requires, version
 
     try:
-        reqs = [r.split(";")[0].strip() for r in (requires("gazemonai") or []) if "extra ==" not in r]
+        declared = [r.split(";")[0].strip() for r in (requires("gazemonai") or []) if "extra ==" not in r]
     except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
-        reqs = ["torch", "monai", "pytorch-ignite", "mlflow", "numpy", "scipy", "pillow"]
+        declared = []
+    ranges = {re.split(r"[ <>=!~\[(]", r, maxsplit=1)[0].lower(): r for r in declared}
     pinned = []
-    for r in reqs:
-        name = r.split(">")[0].split("=")[0].split("<")[0].strip()
+    for name in SERVING_REQUIREMENTS:
         if name == "torch":  # the package's own range: this machine's build (e.g. +cpu) is not the server's
-            pinned.append(r)
+            pinned.append(ranges.get(name, name))
             continue
         try:
             pinned.append(f"{name}=={version(name)}")
-        except PackageNotFoundError:
-            pinned.append(r)
+        except PackageNotFoundError:  # pragma: no cover
+            pinned.append(ranges.get(name, name))
     return pinned
 
 
@@ -349,7 +359,10 @@ def register_bundle(
     and the model is logged into that run, so the version shows the run's parameters, metrics and
     config files. The version is tagged with the run's best ``val_mean_dice`` (the score of
     ``model.pt``, which is the best checkpoint), the training run id and the checkpoint's SHA-256,
-    and gets ``aliases`` (e.g. ``champion``), which move to it from older versions.
+    and gets ``aliases`` (e.g. ``champion``), which move to it from older versions. The training
+    run's validation metrics of that epoch are logged on the version's MLflow logged model, and the
+    registered model's description (bundle, input and output, load and serve commands, a row per
+    version) is rewritten, unless a person edited it (:func:`_describe_registered_model`).
 
     Args:
         bundle_dir: the bundle folder (``configs/inference.json``), e.g. ``bundles/kvasir_gaze``.
@@ -395,13 +408,17 @@ def register_bundle(
             if training is None and record:
                 mlflow.set_tag("gazemonai.training_run", f"{record['tracking_uri']} {record['run_id']}")
             info = _log_staged(staged, model, "model", name)
+            # the checkpoint's validation metrics on the logged model too (MLflow 3 shows a logged
+            # model's metrics on its page and on the registered version's)
+            best = _link_validation_metrics(client, training, info.model_id) if training else None
         version = info.registered_model_version
-        tags = _version_tags(client, run.info.run_id, ckpt, linked=training is not None)
+        tags = _version_tags(client, run.info.run_id, ckpt, training is not None, best)
         for key, value in tags.items():
             client.set_model_version_tag(name, version, key, value)
         for alias in aliases:
             client.set_registered_model_alias(name, alias, version)
         client.update_model_version(name, version, description=_description(bundle, ckpt, tags))
+        _describe_registered_model(client, name, bundle, model.in_channels)
         logger.info(
             "registered %s version %s (run %s%s)%s",
             name,
@@ -484,18 +501,45 @@ def _experiment_id(client, experiment: str, tracking_uri: str) -> str:
     return client.create_experiment(experiment, artifact_location=sqlite_artifact_location(tracking_uri))
 
 
-def _version_tags(client, run_id: str, ckpt: Path, linked: bool) -> dict[str, str]:
+def _link_validation_metrics(client, run_id: str, model_id: str) -> dict | None:
+    """Log the training run's validation metrics of ``model.pt``'s epoch on the logged model ``model_id``.
+
+    ``model.pt`` is the best checkpoint: its epoch is the step of the best ``val_mean_dice`` (the
+    first, on a tie). Every ``val_*`` metric at that step is logged again with ``model_id``, with its
+    own value, step and timestamp, so the run's history keeps one point per step (MLflow drops the
+    exact duplicate there) and the logged model holds the metrics of the weights it serves.
+
+    Returns:
+        the metrics by name (``None`` when the run logged no ``val_mean_dice``).
+    """
+    history = client.get_metric_history(run_id, "val_mean_dice")
+    if not history:
+        return None
+    step = max(history, key=lambda m: (m.value, -m.step)).step
+    linked = {}
+    for key in sorted(client.get_run(run_id).data.metrics):
+        if not key.startswith("val_"):
+            continue
+        at = [m for m in client.get_metric_history(run_id, key) if m.step == step]
+        if at:
+            linked[key] = mlflow.entities.Metric(key, at[-1].value, at[-1].timestamp, step, model_id=model_id)
+    client.log_batch(run_id, metrics=list(linked.values()))
+    return linked
+
+
+def _version_tags(client, run_id: str, ckpt: Path, linked: bool, best: dict | None) -> dict[str, str]:
+    """The checkpoint's hash; when the model is logged into its training run, the run id, the
+    checkpoint's ``val_mean_dice`` and its epoch (``best``: :func:`_link_validation_metrics`) and the
+    run's main settings."""
     import hashlib
 
     tags = {"checkpoint_sha256": hashlib.sha256(ckpt.read_bytes()).hexdigest()}
     if not linked:
         return tags
     tags["training_run_id"] = run_id
-    history = client.get_metric_history(run_id, "val_mean_dice")
-    if history:
-        best = max(history, key=lambda m: (m.value, -m.step))
-        tags["val_mean_dice"] = f"{best.value:.4f}"
-        tags["val_mean_dice_epoch"] = str(best.step)
+    if best:
+        tags["val_mean_dice"] = f"{best['val_mean_dice'].value:.4f}"
+        tags["val_mean_dice_epoch"] = str(best["val_mean_dice"].step)
     params = client.get_run(run_id).data.params
     for key in ("supervision", "num_levels", "image_size"):
         if key in params:
@@ -510,6 +554,96 @@ def _description(bundle: Path, ckpt: Path, tags: dict[str, str]) -> str:
     if "val_mean_dice" in tags:
         text += f", validation Dice {tags['val_mean_dice']} (epoch {tags['val_mean_dice_epoch']})"
     return text
+
+
+#: the newest versions the registered model's description lists
+DESCRIBED_VERSIONS = 20
+
+#: registered-model tag: the SHA-256 of the description ``register`` last wrote (another one is a person's)
+DESCRIPTION_TAG = "gazemonai.description_sha256"
+
+
+def _describe_registered_model(client, name: str, bundle: Path, in_channels: int) -> None:
+    """Write the registered model's description: what it is, how to load and serve it, its versions.
+
+    Rewritten on every new version, unless a person has written it: a description that is not the
+    one ``register`` last wrote (its SHA-256 is the tag :data:`DESCRIPTION_TAG`) is kept, with a log
+    line; clearing it hands it back to ``register``.
+    """
+    import hashlib
+
+    def sha(text: str) -> str:
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    current = client.get_registered_model(name)
+    if current.description and sha(current.description) != current.tags.get(DESCRIPTION_TAG):
+        logger.info(
+            "the description of registered model %s was written by hand: kept (clear it to have "
+            "register write it)",
+            name,
+        )
+        return
+    versions = client.search_model_versions(f"name='{name}'")
+    text = _model_description(name, bundle, in_channels, versions)
+    written = client.update_registered_model(name, description=text).description
+    client.set_registered_model_tag(name, DESCRIPTION_TAG, sha(written or text))
+
+
+def _model_description(name: str, bundle: Path, in_channels: int, versions) -> str:
+    """Markdown: the bundle (its ``metadata.json``), the model's input and output, how to load,
+    serve and run it, and one row per version (newest first) with its supervision and validation Dice."""
+    meta_path = bundle / "configs" / "metadata.json"
+    meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
+    newest_first = sorted(versions, key=lambda v: -int(v.version))
+    uri = f"models:/{name}/{newest_first[0].version}"
+    title = meta.get("name") or bundle.resolve().name
+    lines = [
+        f"**{title}**: the gazemonai bundle `{bundle.resolve().name}`"
+        + (f" {meta['version']}" if meta.get("version") else "")
+        + " as an `mlflow.pyfunc` model running the bundle's own `configs/inference.json` "
+        "(network, preprocessing, postprocessing); the bundle and the gazemonai code travel with the model.",
+        "",
+    ]
+    about = [str(meta[k]).rstrip(". ") + "." for k in ("task", "description", "intended_use") if meta.get(k)]
+    lines += [" ".join(about)] if about else []
+    if in_channels > 1:
+        given = f"(N, H, W, {in_channels}) uint8 {'RGB' if in_channels == 3 else 'channels'}"
+    else:
+        given = "(N, H, W) float32 raw intensities"
+    lines += [
+        "",
+        f"- **Input** `{INPUT_NAME}`: {given}, any height and width; **output** `{OUTPUT_NAME}`: "
+        "(N, H, W) uint8, 1 = "
+        + str(meta.get("label_classes", "foreground")).split("1 = ")[-1]
+        + ", the masks `inference.json` writes.",
+        f'- **Load**: `mlflow.pyfunc.load_model("{uri}").predict(images)`',
+        f"- **Serve**: `mlflow models serve -m {uri} --env-manager local` (POST /invocations "
+        '`{"inputs": ...}`); a fresh environment (`--env-manager virtualenv`) gets only what serving '
+        "imports: " + ", ".join(SERVING_REQUIREMENTS),
+        f"- **Run the bundle**: `gazemonai predict --model {uri} --images DIR --out DIR`, "
+        f"`gazemonai evaluate --model {uri} --dataset-dir DIR --out DIR`",
+        "",
+        "| version | supervision | validation Dice (epoch) | training run |",
+        "|---|---|---|---|",
+    ]
+    for v in newest_first[:DESCRIBED_VERSIONS]:
+        tags = v.tags or {}
+        dice = (
+            f"{tags['val_mean_dice']} ({tags.get('val_mean_dice_epoch', '?')})"
+            if "val_mean_dice" in tags
+            else "-"
+        )
+        lines.append(
+            f"| {v.version} | {tags.get('supervision', '-')} | {dice} | {tags.get('training_run_id', '-')} |"
+        )
+    if len(newest_first) > DESCRIBED_VERSIONS:
+        older = len(newest_first) - DESCRIBED_VERSIONS
+        lines.append(f"| ... | {older} older versions: the registry's list of versions | | |")
+    lines += [
+        "",
+        "Written by `gazemonai register` with each new version; a description edited by hand is kept.",
+    ]
+    return "\n".join(lines)
 
 
 #: model URIs that name a registry's model or a run's artifact; anything else is a path or a store

@@ -301,3 +301,149 @@ def test_the_pyfunc_model_raises_no_type_hint_warning():
     )  # fmt: skip
     assert p.returncode == 0, p.stderr[-2000:]
     assert "type hint" not in p.stderr.lower(), p.stderr[-2000:]
+
+
+#: run in a fresh interpreter whose only site-packages is the folder given: load and predict a model
+_LOAD_IN_A_BARE_ENVIRONMENT = """
+import site, sys
+site.addsitedir(sys.argv[1])  # the folder's .pth files too, as an installed environment has them
+from importlib.util import find_spec
+bare = [m for m in ("pydensecrf", "itk", "nibabel", "fire", "gazemonai") if find_spec(m) is not None]
+assert not bare, f"not a bare environment: {bare}"
+import numpy as np, mlflow
+model = mlflow.pyfunc.load_model(sys.argv[2])
+import gazemonai
+assert "/code/gazemonai/" in gazemonai.__file__, gazemonai.__file__  # the code logged with the model
+masks = model.predict(np.full((1, 40, 48, 3), 90, np.uint8))
+assert masks.shape == (1, 40, 48) and masks.dtype == np.uint8, masks.shape
+print("predicted", masks.shape)
+"""
+
+
+def _logged_model(client, version):
+    """The MLflow 3 logged model a registered version was made from (a SQL registry keeps it as the
+    version's source, ``models:/<model_id>``)."""
+    return client.get_logged_model(version.model_id or version.source.removeprefix("models:/"))
+
+
+def _installed_with_dependencies(requirements: list[str]) -> set[str]:
+    """The distributions a fresh ``pip install REQUIREMENTS`` holds (as installed here), by name."""
+    import re
+    from importlib.metadata import PackageNotFoundError, requires
+
+    def name(r: str) -> str:
+        return re.split(r"[ ;<>=!~\[(]", r.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+    todo, seen = [name(r) for r in requirements], set()
+    while todo:
+        dist = todo.pop()
+        if dist in seen:
+            continue
+        seen.add(dist)
+        try:
+            todo += [name(r) for r in requires(dist) or [] if "extra ==" not in r]
+        except PackageNotFoundError:  # a marker's platform package (pywin32, ...)
+            pass
+    return seen
+
+
+def _site_of(distributions: set[str], folder: Path) -> Path:
+    """A site-packages folder holding only ``distributions`` (links to this environment's files)."""
+    from importlib.metadata import distributions as installed
+
+    folder.mkdir()
+    for dist in installed():
+        if dist.metadata["Name"].lower().replace("_", "-") not in distributions:
+            continue
+        for top in {f.parts[0] for f in dist.files or [] if not f.parts[0].startswith("..")}:
+            source = Path(dist.locate_file(top))
+            if source.exists() and not (folder / top).exists():
+                (folder / top).symlink_to(source)
+    return folder
+
+
+def test_the_registered_model_requires_only_what_serving_imports(kvasir_checkpoint, tmp_path):
+    """pydensecrf2 (built from C++ on every fresh ``mlflow models serve``) and the package's other
+    non-serving dependencies are not the model's requirements, and what it records is enough: the
+    registered model loads and predicts in an interpreter that has only those packages."""
+    import mlflow
+
+    from gazemonai.serve.registry import register_bundle
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    size = {"image_size": [32, 32]}
+    info = register_bundle(BUNDLE, "kvasir_reqs", kvasir_checkpoint, size, tracking_uri=uri)
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    version = client.get_model_version("kvasir_reqs", info.registered_model_version)
+    local = Path(_logged_model(client, version).artifact_location.removeprefix("file://"))
+    assert local.is_dir() and local.is_relative_to(tmp_path)  # the registry's own files, on disk
+    for recorded in ("requirements.txt", "conda.yaml", "MLmodel"):
+        assert "pydensecrf" not in (local / recorded).read_text(), recorded
+    requirements = (local / "requirements.txt").read_text().split()
+    names = {r.split("=")[0].split(">")[0] for r in requirements}
+    assert names == {"torch", "monai", "pytorch-ignite", "mlflow", "numpy", "pillow"}, requirements
+
+    closure = _installed_with_dependencies(requirements)
+    assert "pydensecrf2" not in closure and "itk" not in closure  # not even through another package
+    site = _site_of(closure, tmp_path / "site")
+    model_uri = f"models:/kvasir_reqs/{version.version}"
+    p = subprocess.run(
+        [sys.executable, "-S", "-c", _LOAD_IN_A_BARE_ENVIRONMENT, str(site), model_uri],
+        capture_output=True, text=True, cwd=tmp_path,
+        env={"MLFLOW_TRACKING_URI": uri, "PATH": os.environ["PATH"], "HOME": str(tmp_path),
+             "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert p.returncode == 0 and "predicted (1, 40, 48)" in p.stdout, p.stderr[-3000:]
+
+
+def test_the_registered_model_describes_itself_and_each_versions_validation_dice(trained_kvasir):
+    """The registered model (not only its versions) says what it is and how to load and serve it, with
+    one row per version; each version's logged model holds its checkpoint's validation metrics; a
+    description written by hand is kept."""
+    import mlflow
+
+    from gazemonai.serve.registry import register_bundle
+
+    ckpt = trained_kvasir / "models" / "model.pt"
+    record = json.loads((trained_kvasir / "models" / "mlflow_run.json").read_text())
+    uri = record["tracking_uri"]
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    run_id = record["run_id"]
+    history = client.get_metric_history(run_id, "val_mean_dice")
+    best = max(history, key=lambda m: (m.value, -m.step))
+    level_keys = sorted(k for k in client.get_run(run_id).data.metrics if k.startswith("val_"))
+    assert len(level_keys) > 1  # val_mean_dice and the levels' metrics
+
+    for _ in range(2):
+        register_bundle(BUNDLE, "kvasir_described", ckpt)
+    for number in ("1", "2"):
+        version = client.get_model_version("kvasir_described", number)
+        logged = _logged_model(client, version)
+        assert logged.metrics, f"version {number}: no metrics on its logged model"
+        metrics = {m.key: m for m in logged.metrics}
+        assert sorted(metrics) == level_keys
+        assert metrics["val_mean_dice"].value == best.value and metrics["val_mean_dice"].step == best.step
+        for key, metric in metrics.items():  # each is the run's own value at the checkpoint's epoch
+            at = [m.value for m in client.get_metric_history(run_id, key) if m.step == best.step]
+            assert at == [metric.value], key
+    assert len(client.get_metric_history(run_id, "val_mean_dice")) == len(history)  # no point added
+
+    text = client.get_registered_model("kvasir_described").description
+    meta = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
+    for part in (meta["name"], "`kvasir_gaze`", "(N, H, W, 3) uint8 RGB",
+                 'mlflow.pyfunc.load_model("models:/kvasir_described/2")',
+                 "mlflow models serve -m models:/kvasir_described/2",
+                 "gazemonai predict --model models:/kvasir_described/2"):  # fmt: skip
+        assert part in text, part
+    dice = f"{best.value:.4f} ({best.step})"
+    rows = [line for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert rows == [f"| 2 | gaze | {dice} | {run_id} |", f"| 1 | gaze | {dice} | {run_id} |"]
+
+    client.update_registered_model("kvasir_described", description="Our polyp model; ask Ana.")
+    register_bundle(BUNDLE, "kvasir_described", ckpt)  # version 3
+    assert client.get_registered_model("kvasir_described").description == "Our polyp model; ask Ana."
+    assert client.get_model_version("kvasir_described", "3").tags["val_mean_dice"] == f"{best.value:.4f}"
+    client.update_registered_model("kvasir_described", description="")  # cleared: register's again
+    register_bundle(BUNDLE, "kvasir_described", ckpt)  # version 4
+    text = client.get_registered_model("kvasir_described").description
+    assert "models:/kvasir_described/4" in text and f"| 4 | gaze | {dice} | {run_id} |" in text
