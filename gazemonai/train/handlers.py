@@ -45,14 +45,11 @@ logger = logging.getLogger(__name__)
 
 
 class LevelOutput:
-    """A metric's ``output_transform``: channel ``channel`` of the prediction and the label.
-
-    Takes the engine output as MONAI's evaluators leave it (one dict per image, whose predictions
-    may differ in size) or a dict of batch tensors (B, C, ...).
+    """A metric's ``output_transform``: channel ``channel`` of each image's prediction, and the labels.
 
     Args:
         channel: prediction channel (0 = ensemble, k = level k with ``output="stack"``).
-        keys: the prediction's and the label's keys.
+        keys: the prediction's and the label's keys in the engine output.
     """
 
     def __init__(self, channel: int = 0, keys: tuple[str, str] = ("pred", "label")) -> None:
@@ -60,15 +57,11 @@ class LevelOutput:
         self.keys = list(keys)
 
     def __call__(self, output):
-        preds, labels = from_engine(self.keys)(output)
-        c = self.channel
-        if isinstance(preds, torch.Tensor):
-            channels, picked = (preds.shape[1] if preds.dim() > 1 else 0), preds[:, c : c + 1]
-        else:
-            channels, picked = min((p.shape[0] for p in preds), default=c + 1), [p[c : c + 1] for p in preds]
-        if c >= channels:
-            raise ValueError(f"prediction has {channels} channels; channel {c} asked for")
-        return picked, labels
+        preds, labels = from_engine(self.keys)(output)  # per image (C, ...), sizes may differ
+        for p in preds:
+            if self.channel >= p.shape[0]:
+                raise ValueError(f"prediction has {p.shape[0]} channels; channel {self.channel} asked for")
+        return [p[self.channel : self.channel + 1] for p in preds], labels
 
 
 def metric_name(prefix: str, channel: int, iou: bool = False) -> str:
@@ -98,13 +91,11 @@ def level_metrics(num_levels: int, prefix: str = "val", iou: bool = False) -> di
 class SegmentationReport:
     """Per-image and mean Dice/IoU of the ensemble and every level as one JSON file.
 
-    The scores are those of the evaluator's metric handlers (:func:`level_metrics` with ``iou``
-    and the key metric ``<prefix>_mean_dice``), which keep every image's score in
-    ``engine.state.metric_details``, gathered from all ranks. MONAI's ``MetricsSaver`` writes such
-    details as CSV tables; this writes the file ``gazemonai evaluate``/``report``/``register``, MONAI
-    Label and MLflow's artifact read: ``{"images", "mean": {name: {"dice", "iou"}}, "per_image":
-    [{"id", name: {"dice", "iou"}}], "empty_convention"}`` with the names ``ensemble``,
-    ``level_1``, ..., images in dataset order (also from an unshuffled ``DistributedSampler``).
+    The scores are the evaluator's metric handlers' (``<prefix>_mean_dice`` and
+    :func:`level_metrics` with ``iou``): MONAI keeps every image's score, gathered from all ranks, in
+    ``engine.state.metric_details`` (``MetricsSaver`` would write them as CSV tables). This writes
+    the JSON that ``gazemonai evaluate``/``report``/``register``, MONAI Label and the MLflow artifact
+    read, images in dataset order (also from an unshuffled ``DistributedSampler``).
 
     Args:
         output_path: JSON file written when the evaluation completes (by rank 0).
