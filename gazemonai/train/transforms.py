@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor, PILReader
-from monai.transforms import MapTransform, NormalizeIntensity, ScaleIntensityRange
+from monai.transforms import MapTransform, NormalizeIntensity, SaveImaged, ScaleIntensityRange
 from monai.utils import ensure_tuple, ensure_tuple_rep
 
 from ..errors import ImageReadError, InvalidInputError
@@ -28,6 +28,7 @@ __all__ = [
     "BinarizeMaskd",
     "CheckedPILReader",
     "ImageConverter",
+    "SaveMaskd",
 ]
 
 _HIGH_DEPTH = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
@@ -188,3 +189,17 @@ class BinarizeMaskd(MapTransform):
                 out = MetaTensor(out.as_tensor() if isinstance(out, MetaTensor) else out, meta=dict(m.meta))
             d[key] = out
         return d
+
+
+def SaveMaskd(keys: KeysCollection = "pred", output_dir: str = "./eval", source_key: str = "image"):
+    """Deprecated (gazemonai 0.4.1 and before): MONAI's ``SaveImaged`` as ``inference.json``'s ``save_mask``.
+
+    Kept so that a model registered before, whose stored ``inference.json`` names ``SaveMaskd``, still
+    loads and writes the same ``OUTPUT_DIR/<stem>.png`` 0/255 masks. ``source_key`` is not used:
+    ``SaveImaged`` names the file after the prediction's metadata (the image's, after ``Invertd``).
+    """
+    saver = SaveImaged(
+        keys, output_dir=output_dir, output_postfix="", output_ext=".png", output_dtype=np.uint8, scale=255,
+        resample=False, separate_folder=False, writer="PILWriter", print_log=False,
+    )  # fmt: skip
+    return saver.set_options(write_kwargs={"reverse_indexing": False})

@@ -110,3 +110,20 @@ def test_normalize_image_schemes_against_hand_computed_values():
         NormalizeImaged("image", "imagenet")({"image": mr})
     with pytest.raises(ValueError, match="image_normalization must be one of"):
         NormalizeImaged("image", "minmax")
+
+
+def test_save_maskd_of_an_earlier_registered_inference_json_is_monai_s_saveimaged(tmp_path):
+    """A model registered with gazemonai 0.4.1 stored an inference.json naming SaveMaskd: the entry still
+    parses, to the SaveImaged the registry and MONAI Label leave out, writing <stem>.png 0/255, rows = y."""
+    from monai.bundle import ConfigParser
+    from monai.transforms import SaveImaged
+
+    entry = {"_target_": "gazemonai.train.transforms.SaveMaskd", "keys": "pred", "output_dir": str(tmp_path)}
+    save = ConfigParser({"save": {**entry, "source_key": "image"}}).get_parsed_content("save")
+    assert isinstance(save, SaveImaged)
+    mask = torch.zeros(1, 2, 3)
+    mask[0, 1, 2] = 1
+    save({"pred": MetaTensor(mask, meta={"filename_or_obj": "/data/case_1.jpg"})})
+    assert [p.name for p in tmp_path.iterdir()] == ["case_1.png"]
+    written = np.asarray(Image.open(tmp_path / "case_1.png"))
+    assert written.shape == (2, 3) and written[1, 2] == 255 and written.sum() == 255
