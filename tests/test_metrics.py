@@ -1,4 +1,4 @@
-"""Dice and IoU: the one implementation, by hand, on the tensors' device, and the empty convention."""
+"""Dice and IoU: MONAI's metrics with ignore_empty=False against values by hand; the empty convention."""
 
 import numpy as np
 import pytest
@@ -24,7 +24,7 @@ def test_dice_and_iou_by_hand_per_item_of_a_batch():
     pred[3] = True  # item 3: prediction everywhere (6), truth 3 pixels: Dice 6/9, IoU 3/6
     target[3, 0, :] = True
     dice, iou = dice_iou(pred, target, batch=True)
-    assert dice.shape == (4,) and dice.dtype == torch.float64
+    assert dice.shape == (4,) and dice.dtype.is_floating_point
     assert dice.tolist() == pytest.approx([2 / 3, 1.0, 0.0, 2 / 3])
     assert iou.tolist() == pytest.approx([1 / 2, 1.0, 0.0, 1 / 2])
     # without batch the whole arrays are one comparison: 2+6 predicted, 1+3+3 true, 1+3 shared
@@ -40,7 +40,33 @@ def test_non_zero_is_foreground_and_numpy_works_too():
         dice_iou(np.zeros((2, 2)), np.zeros((2, 3)))
 
 
-def test_results_stay_on_the_tensors_device():
-    meta = torch.ones(2, 3, device="meta")  # a device nothing can be read back from
-    dice, iou = dice_iou(meta, meta, batch=True)
-    assert dice.device.type == "meta" and iou.device.type == "meta" and dice.shape == (2,)
+def test_a_prediction_where_the_truth_is_empty_scores_zero():
+    pred, empty = np.zeros((2, 3)), np.zeros((2, 3))
+    pred[0, 1] = 1
+    assert [v.item() for v in dice_iou(pred, empty)] == [0.0, 0.0]
+    assert [v.item() for v in dice_iou(empty, empty)] == [1.0, 1.0]
+
+
+def test_monai_metrics_with_ignore_empty_false_give_the_convention():
+    """What the metric handlers use: DiceMetric / MeanIoU(ignore_empty=False), one image per row, by hand."""
+    from monai.metrics import DiceMetric, MeanIoU
+
+    pred = torch.zeros(6, 1, 2, 2)
+    truth = torch.zeros(6, 1, 2, 2)
+    # 0: both empty -> 1; 1: prediction, empty truth -> 0; 2: empty prediction, truth -> 0;
+    # 3: 2 predicted, 1 true, 1 shared -> Dice 2/3, IoU 1/2; 4: identical -> 1; 5: disjoint -> 0
+    pred[1, 0, 0, 0] = 1
+    truth[2, 0, 1, 1] = 1
+    pred[3, 0, 0, :] = 1
+    truth[3, 0, 0, 0] = 1
+    pred[4, 0, 1, :] = truth[4, 0, 1, :] = 1
+    pred[5, 0, 0, 0], truth[5, 0, 1, 1] = 1, 1
+    dice, iou = DiceMetric(ignore_empty=False), MeanIoU(ignore_empty=False)
+    dice(pred, truth)
+    iou(pred, truth)
+    assert dice.get_buffer()[:, 0].tolist() == pytest.approx([1.0, 0.0, 0.0, 2 / 3, 1.0, 0.0])
+    assert iou.get_buffer()[:, 0].tolist() == pytest.approx([1.0, 0.0, 0.0, 1 / 2, 1.0, 0.0])
+    assert dice.aggregate().item() == pytest.approx((1 + 2 / 3 + 1) / 6)
+    d, j = dice_iou(pred, truth, batch=True)  # the package's helper agrees image by image
+    assert d.tolist() == pytest.approx(dice.get_buffer()[:, 0].tolist())
+    assert j.tolist() == pytest.approx(iou.get_buffer()[:, 0].tolist())

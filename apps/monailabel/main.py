@@ -55,7 +55,6 @@ from monailabel.tasks.infer.bundle import BundleInferTask
 
 from gazemonai.serve.staging import stage_bundle
 from gazemonai.train.run_record import check_plain_data
-from gazemonai.train.transforms import SaveMaskd
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +90,7 @@ class GazeBundleInferTask(BundleInferTask):
 
     def __init__(self, path: str, conf: dict, foreground: str):
         # Invertd in the bundle already restores the input size: no Restored
-        super().__init__(path, conf, post_filter=[SaveImaged, SaveMaskd], add_post_restore=False)
+        super().__init__(path, conf, post_filter=[SaveImaged], add_post_restore=False)
         self.labels = {foreground: 1}
 
     def post_transforms(self, data=None):

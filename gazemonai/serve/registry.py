@@ -80,9 +80,7 @@ class BundlePyfuncModel(PythonModel):
     def load_context(self, context) -> None:
         import torch
         from monai.bundle import ConfigParser
-        from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
-
-        from ..train.transforms import SaveMaskd
+        from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, SaveImaged
 
         bundle = Path(context.artifacts["bundle"])
         check_staged_bundle(bundle)  # its model settings are plain data before MONAI parses them
@@ -108,7 +106,7 @@ class BundlePyfuncModel(PythonModel):
             [t for t in pre.transforms if not isinstance(t, (LoadImaged, EnsureChannelFirstd))]
         )
         post = parser.get_parsed_content("postprocessing")
-        self.postprocessing = Compose([t for t in post.transforms if not isinstance(t, SaveMaskd)])
+        self.postprocessing = Compose([t for t in post.transforms if not isinstance(t, SaveImaged)])
         self.inferer = parser.get_parsed_content("inferer")
 
     def _as_batch(self, images) -> np.ndarray:

@@ -2,10 +2,12 @@
 
 The evaluators run :class:`~gazemonai.train.networks.MultiLevelNet` with ``output="stack"``, so each
 prediction has channel 0 = the ensemble (mean of the levels' logits) and channel ``k`` = level ``k``.
-After ``Activationsd(sigmoid)`` + ``AsDiscreted(threshold=0.5)`` the metrics here score each channel
-against the ground-truth mask with :func:`gazemonai.metrics.dice_iou` (Dice = IoU = 1.0 where the
-prediction and the ground truth are both empty; GazeSup's code: 0.0), on the tensors' device: an
-epoch's scores are read back to the host once, when they are reported.
+After ``Activationsd(sigmoid)`` + ``AsDiscreted(threshold=0.5)`` each channel is scored against the
+ground-truth mask by MONAI's ``DiceMetric``/``MeanIoU`` with ``ignore_empty=False`` (Dice = IoU = 1.0
+where the prediction and the ground truth are both empty; GazeSup's code: 0.0) in MONAI's
+``IgniteMetricHandler``, which gathers every rank's images. What MONAI lacks is here: picking one
+channel (:class:`LevelOutput`), the per-level names (:func:`level_metrics`) and the JSON report of
+the handlers' per-image scores (:class:`SegmentationReport`).
 """
 
 from __future__ import annotations
@@ -17,19 +19,21 @@ import sys
 from pathlib import Path
 
 import ignite.distributed as idist
-import numpy as np
 import torch
 from ignite.engine import Engine, Events
-from ignite.metrics import Metric
 from monai.engines import Evaluator
 from monai.engines.utils import IterationEvents
-from monai.handlers import from_engine
+from monai.handlers import IgniteMetricHandler, from_engine
+from monai.metrics import DiceMetric, MeanIoU
+from monai.utils import string_list_all_gather
 
-from ..metrics import EMPTY_CONVENTION, dice_iou
+from ..metrics import EMPTY_CONVENTION
 
 __all__ = [
-    "ChannelDice",
+    "LevelOutput",
+    "level_metric",
     "level_metrics",
+    "metric_name",
     "SegmentationReport",
     "LossTerms",
     "IterationLimit",
@@ -40,154 +44,114 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def _channel_scores(output, channel: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image ``(dice, iou)`` tensors of prediction channel ``channel`` against the label.
-
-    ``output`` is ``(preds, labels)``: batch tensors (B, C, ...) and (B, 1, ...), or lists of
-    per-image (C, ...) and (1, ...) tensors, which may differ in size (evaluation at each image's own
-    size).
-    """
-    preds, labels = output
-    if isinstance(preds, torch.Tensor):
-        preds, labels = [preds], [labels]
-        batched = True
-    else:
-        preds = [p.unsqueeze(0) for p in preds]
-        labels = [t.unsqueeze(0) for t in labels]
-        batched = False
-    dice, iou = [], []
-    for p, t in zip(preds, labels):
-        if channel >= p.shape[1]:
-            raise ValueError(f"prediction has {p.shape[1]} channels; channel {channel} asked for")
-        t = t[:, 0] if t.dim() == p.dim() else t
-        d, j = dice_iou(p[:, channel], t, batch=True)
-        dice.append(d)
-        iou.append(j)
-    return (dice[0], iou[0]) if batched else (torch.cat(dice), torch.cat(iou))
-
-
-class ChannelDice(Metric):
-    """Mean per-image Dice (or IoU) of one channel of a binarised prediction against the label.
-
-    The scores are summed on the predictions' device; :meth:`compute` reads the sum once and
-    averages over every rank's images (each rank of a distributed run sees its shard).
+class LevelOutput:
+    """A metric's ``output_transform``: channel ``channel`` of each image's prediction, and the labels.
 
     Args:
         channel: prediction channel (0 = ensemble, k = level k with ``output="stack"``).
-        iou: report IoU instead of Dice.
-        output_transform: picks ``(preds, labels)`` from the engine output.
+        keys: the prediction's and the label's keys in the engine output.
     """
 
-    def __init__(self, channel: int = 0, iou: bool = False, output_transform=None):
+    def __init__(self, channel: int = 0, keys: tuple[str, str] = ("pred", "label")) -> None:
         self.channel = int(channel)
-        self.iou = iou
-        super().__init__(output_transform=output_transform or from_engine(["pred", "label"]))
+        self.keys = list(keys)
 
-    def reset(self) -> None:
-        self._sum: torch.Tensor | None = None
-        self._count = 0
-
-    def update(self, output) -> None:
-        dice, iou = _channel_scores(output, self.channel)
-        scores = (iou if self.iou else dice).sum()
-        self._sum = scores if self._sum is None else self._sum + scores
-        self._count += int(dice.shape[0])
-
-    def compute(self) -> float:
-        local = self._sum.cpu().double() if self._sum is not None else torch.zeros((), dtype=torch.float64)
-        total = idist.all_reduce(torch.stack([local, torch.tensor(float(self._count), dtype=torch.float64)]))
-        return float(total[0] / total[1]) if total[1] > 0 else float("nan")
+    def __call__(self, output):
+        preds, labels = from_engine(self.keys)(output)  # per image (C, ...), sizes may differ
+        for p in preds:
+            if self.channel >= p.shape[0]:
+                raise ValueError(f"prediction has {p.shape[0]} channels; channel {self.channel} asked for")
+        return [p[self.channel : self.channel + 1] for p in preds], labels
 
 
-def level_metrics(num_levels: int, prefix: str = "val", iou: bool = False) -> dict[str, ChannelDice]:
-    """``{f"{prefix}_dice_level_{k}": ChannelDice(k)}`` for every level (and IoU ones with ``iou``)."""
-    out: dict[str, ChannelDice] = {}
+def metric_name(prefix: str, channel: int, iou: bool = False) -> str:
+    """``<prefix>_mean_dice`` for the ensemble (channel 0), ``<prefix>_dice_level_<k>`` for level k."""
+    kind = "iou" if iou else "dice"
+    return f"{prefix}_mean_{kind}" if channel == 0 else f"{prefix}_{kind}_level_{channel}"
+
+
+def level_metric(channel: int = 0, iou: bool = False) -> IgniteMetricHandler:
+    """MONAI's mean Dice (or IoU) handler, ``ignore_empty=False``, of one prediction channel."""
+    fn = MeanIoU(ignore_empty=False) if iou else DiceMetric(ignore_empty=False)
+    return IgniteMetricHandler(metric_fn=fn, output_transform=LevelOutput(channel))
+
+
+def level_metrics(num_levels: int, prefix: str = "val", iou: bool = False) -> dict[str, IgniteMetricHandler]:
+    """``{metric_name(prefix, k): level_metric(k)}`` per level; with ``iou`` their IoU and the ensemble's."""
+    out = {}
     for k in range(1, int(num_levels) + 1):
-        out[f"{prefix}_dice_level_{k}"] = ChannelDice(k)
+        out[metric_name(prefix, k)] = level_metric(k)
         if iou:
-            out[f"{prefix}_iou_level_{k}"] = ChannelDice(k, iou=True)
+            out[metric_name(prefix, k, iou=True)] = level_metric(k, iou=True)
     if iou:
-        out[f"{prefix}_mean_iou"] = ChannelDice(0, iou=True)
+        out[metric_name(prefix, 0, iou=True)] = level_metric(0, iou=True)
     return out
 
 
 class SegmentationReport:
-    """Write per-image and mean Dice/IoU of the ensemble and every level to a JSON file.
+    """Per-image and mean Dice/IoU of the ensemble and every level as one JSON file.
 
-    Each image's scores stay on the device until the evaluation completes; the file also states the
-    empty-mask convention (:data:`gazemonai.metrics.EMPTY_CONVENTION`).
+    The scores are the evaluator's metric handlers' (``<prefix>_mean_dice`` and
+    :func:`level_metrics` with ``iou``): MONAI keeps every image's score, gathered from all ranks, in
+    ``engine.state.metric_details`` (``MetricsSaver`` would write them as CSV tables). This writes
+    the JSON that ``gazemonai evaluate``/``report``/``register``, MONAI Label and the MLflow artifact
+    read, images in dataset order (also from an unshuffled ``DistributedSampler``).
 
     Args:
-        output_path: JSON file written when the evaluation completes.
+        output_path: JSON file written when the evaluation completes (by rank 0).
+        prefix: the metric names' prefix (see :func:`metric_name`).
         id_key: batch key holding each image's id.
-        level_names: names of the prediction channels (default ``ensemble, level_1..``).
     """
 
-    def __init__(self, output_path: str, id_key: str = "id", level_names: list[str] | None = None) -> None:
+    def __init__(self, output_path: str, prefix: str = "eval", id_key: str = "id") -> None:
         self.output_path = output_path
+        self.prefix = prefix
         self.id_key = id_key
-        self.level_names = level_names
-        self.rows: list[tuple[str, list[str], torch.Tensor, torch.Tensor]] = []
+        self.ids: list[str] = []
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self.rows.clear())
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self.ids.clear())
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
 
     def _collect(self, engine: Engine) -> None:
-        batch, output = engine.state.batch, engine.state.output
-        for b, o in zip(batch, output):
-            pred, label = o["pred"], o["label"]
-            label = label[0] if label.dim() == pred.dim() else label
-            names = self.level_names or ["ensemble"] + [f"level_{k}" for k in range(1, pred.shape[0])]
-            if len(names) > pred.shape[0]:
-                raise ValueError(
-                    f"{len(names)} level_names {names} for a prediction of {pred.shape[0]} channels"
-                )
-            dice, iou = dice_iou(pred[: len(names)], label.expand_as(pred[: len(names)]), batch=True)
-            self.rows.append((b.get(self.id_key, str(len(self.rows))), names, dice, iou))
+        self.ids += [str(b.get(self.id_key, len(self.ids) + i)) for i, b in enumerate(engine.state.batch)]
 
     def _write(self, engine: Engine) -> None:
-        rows = []
-        for image_id, names, dice, iou in self.rows:
-            row = {"id": image_id}
-            for name, d, j in zip(names, dice.tolist(), iou.tolist()):
-                row[name] = {"dice": d, "iou": j}
-            rows.append(row)
-        rows = _gather_in_sampler_order(rows)
-        if rows is None or not rows:
+        world = idist.get_world_size()
+        ids = string_list_all_gather(self.ids) if world > 1 else list(self.ids)
+        if idist.get_rank() != 0 or not ids:
             return
-        names = [k for k in rows[0] if k != "id"]
-        summary = {n: {m: float(np.mean([r[n][m] for r in rows])) for m in ("dice", "iou")} for n in names}
-        report = {
-            "images": len(rows),
-            "mean": summary,
-            "per_image": rows,
-            "empty_convention": EMPTY_CONVENTION,
-        }
+        details = getattr(engine.state, "metric_details", {})
+        columns = {}
+        for c in range(len(details) + 1):
+            names = [metric_name(self.prefix, c), metric_name(self.prefix, c, iou=True)]
+            if names[0] not in details:
+                break
+            if names[1] not in details:
+                raise ValueError(f"SegmentationReport: no metric {names[1]} (level_metrics(..., iou=True))")
+            columns["ensemble" if c == 0 else f"level_{c}"] = [details[n].reshape(-1).tolist() for n in names]
+        if not columns:
+            raise ValueError(f"SegmentationReport: no metric {metric_name(self.prefix, 0)} with details")
+        order = _sampler_order(len(ids), world)
+        rows = [
+            {"id": ids[i], **{n: {"dice": d[i], "iou": j[i]} for n, (d, j) in columns.items()}} for i in order
+        ]
+        mean = {n: {"dice": sum(d) / len(d), "iou": sum(j) / len(j)} for n, (d, j) in columns.items()}
+        report = {"images": len(rows), "mean": mean, "per_image": rows, "empty_convention": EMPTY_CONVENTION}
         Path(self.output_path).parent.mkdir(parents=True, exist_ok=True)
         Path(self.output_path).write_text(json.dumps(report, indent=2))
-        logger.info("metrics of %d images written to %s: %s", len(rows), self.output_path, summary)
+        logger.info("metrics of %d images written to %s: %s", len(rows), self.output_path, mean)
 
 
-def _gather_in_sampler_order(rows: list) -> list | None:
-    """All ranks' rows on rank 0 in dataset order (``None`` on the other ranks).
+def _sampler_order(n: int, world: int) -> list[int]:
+    """Where each of ``n`` dataset items is in the ranks' gathered, concatenated lists.
 
-    Evaluation uses an unshuffled ``DistributedSampler``, which gives rank ``r`` the images
-    ``r, r + W, r + 2W, ...`` of ``W`` ranks: interleaving the ranks' lists restores the dataset order.
-    Outside a distributed run the rows are returned as they are.
+    An unshuffled ``DistributedSampler`` gives rank ``r`` of ``world`` the items ``r, r + world,
+    ...``; MONAI's gathers put rank 0's items first, then rank 1's, ...
     """
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return rows
-    world = torch.distributed.get_world_size()
-    if world == 1:
-        return rows
-    gathered: list = [None] * world
-    torch.distributed.all_gather_object(gathered, rows)
-    if torch.distributed.get_rank() != 0:
-        return None
-    longest = max(len(g) for g in gathered)
-    return [g[i] for i in range(longest) for g in gathered if i < len(g)]
+    starts = [sum(len(range(q, n, world)) for q in range(r)) for r in range(world)]
+    return [starts[i % world] + i // world for i in range(n)]
 
 
 class LossTerms:

@@ -1,7 +1,7 @@
 """MONAI transforms of the images and masks the bundles train on and predict.
 
-Normalise image intensities by a named scheme (a model setting), binarise ground truth, write
-predictions.
+Normalise image intensities by a named scheme (a model setting), binarise ground truth. Predictions
+are written by MONAI's ``SaveImaged`` (``inference.json``'s ``save_mask``).
 
 The gaze chain's own transforms (``GazeHeatmapd``, ``CRFRefined``, ``PseudoMaskLevelsd``) are in
 :mod:`gazemonai.gaze.transforms`.
@@ -9,18 +9,16 @@ The gaze chain's own transforms (``GazeHeatmapd``, ``CRFRefined``, ``PseudoMaskL
 
 from __future__ import annotations
 
-import os
 from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor, PILReader
-from monai.transforms import MapTransform, NormalizeIntensity, ScaleIntensityRange
+from monai.transforms import MapTransform, NormalizeIntensity, SaveImaged, ScaleIntensityRange
 from monai.utils import ensure_tuple, ensure_tuple_rep
 
 from ..errors import ImageReadError, InvalidInputError
-from ..prep.io import write_png
 
 __all__ = [
     "NormalizeImaged",
@@ -157,7 +155,10 @@ class BinarizeMaskd(MapTransform):
     """Channel-first mask -> (1, H, W) float 0/1: the maximum over channels above ``threshold``.
 
     JPEG masks such as Kvasir-SEG's are stored as noisy 0/255 RGB (threshold 127); masks whose
-    values are all <= 1 are taken as 0/1 label maps (foreground > 0).
+    values are all <= 1 are taken as 0/1 label maps (foreground > 0), as MONAI Label saves a
+    ``final`` label. MONAI's ``AsDiscreted(threshold=...)`` does the comparison only: it keeps the
+    channels and, with one threshold for both kinds, would empty a 0/1 mask or read JPEG noise as
+    foreground.
 
     Args:
         keys: mask keys.
@@ -190,59 +191,15 @@ class BinarizeMaskd(MapTransform):
         return d
 
 
-class SaveMaskd(MapTransform):
-    """Write binary (1, H, W) predictions as 8-bit 0/255 PNGs named after their source image.
+def SaveMaskd(keys: KeysCollection = "pred", output_dir: str = "./eval", source_key: str = "image"):
+    """Deprecated (gazemonai 0.4.1 and before): MONAI's ``SaveImaged`` as ``inference.json``'s ``save_mask``.
 
-    ``OUTPUT_DIR/<stem>.png`` for a key without postfix, ``OUTPUT_DIR/<stem>_<postfix>.png`` otherwise
-    (MONAI's ``SaveImaged`` naming), where ``<stem>`` is the name of ``d[source_key]``'s
-    ``filename_or_obj`` without its extension. Rows = y, as read with ``PILReader(reverse_indexing=False)``;
-    the prediction is expected at the input image's size (invert the resizing first, e.g. with
-    ``Invertd``).
-
-    Args:
-        keys: prediction keys.
-        output_dir: output folder (created).
-        source_key: key whose ``filename_or_obj`` metadata names the files.
-        output_postfix: one per key, or one for all when there is one key; ``""`` writes ``<stem>.png``.
-            Several keys need distinct postfixes (each key its own file).
-        allow_missing_keys: don't raise when a key is absent.
+    Kept so that a model registered before, whose stored ``inference.json`` names ``SaveMaskd``, still
+    loads and writes the same ``OUTPUT_DIR/<stem>.png`` 0/255 masks. ``source_key`` is not used:
+    ``SaveImaged`` names the file after the prediction's metadata (the image's, after ``Invertd``).
     """
-
-    def __init__(
-        self,
-        keys: KeysCollection = "pred",
-        output_dir: str = "./eval",
-        source_key: str = "image",
-        output_postfix: str | Sequence[str] | None = None,
-        allow_missing_keys: bool = False,
-    ):
-        super().__init__(keys, allow_missing_keys)
-        self.output_dir = output_dir
-        self.source_key = source_key
-        if output_postfix is None:  # one key: <stem>.png; several: <stem>_<key>.png
-            output_postfix = "" if len(self.keys) == 1 else [str(k) for k in self.keys]
-        self.postfixes = tuple(str(p) for p in ensure_tuple_rep(output_postfix, len(self.keys)))
-        if len(set(self.postfixes)) != len(self.postfixes):
-            raise InvalidInputError(
-                f"SaveMaskd: keys {list(self.keys)} would write to the same files; give one distinct "
-                f"output_postfix per key, got {list(self.postfixes)}"
-            )
-
-    def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        d = dict(data)
-        src = d.get(self.source_key)
-        meta = getattr(src, "meta", {}) or {}
-        name = meta.get("filename_or_obj")
-        if not name:
-            raise InvalidInputError(
-                f"{self.source_key} carries no filename_or_obj metadata to name the output after"
-            )
-        stem = os.path.splitext(os.path.basename(str(name)))[0]
-        for key, postfix in self.key_iterator(d, self.postfixes):
-            m = d[key]
-            m = m.detach().cpu().numpy() if isinstance(m, torch.Tensor) else np.asarray(m)
-            if m.ndim == 3:
-                m = m[0]
-            fname = f"{stem}_{postfix}.png" if postfix else f"{stem}.png"
-            write_png(os.path.join(self.output_dir, fname), m > 0.5)
-        return d
+    saver = SaveImaged(
+        keys, output_dir=output_dir, output_postfix="", output_ext=".png", output_dtype=np.uint8, scale=255,
+        resample=False, separate_folder=False, writer="PILWriter", print_log=False,
+    )  # fmt: skip
+    return saver.set_options(write_kwargs={"reverse_indexing": False})

@@ -209,3 +209,28 @@ def test_validation_reads_no_gaze(name, synthetic_root, tmp_path):
     assert {item["id"] for item in items} == val_ids and val_ids
     assert all("fixations" not in item for item in items)  # GazeHeatmapd and the CRF skip them
     assert all(len(item["fixations"]) for item in parser.get_parsed_content("train#datalist"))
+
+
+@pytest.mark.parametrize("name", ["kvasir_gaze", "prostate_gaze"])
+def test_inference_writes_each_mask_as_a_0_255_png_named_after_its_image(name, tmp_path):
+    """inference.json's last step (MONAI's SaveImaged): OUTPUT_DIR/<stem>.png, 8-bit 0/255, rows = y,
+    at the prediction's size (the input image's, after Invertd); nothing else written."""
+    import numpy as np
+    import torch
+    from monai.bundle import ConfigParser
+    from monai.data import MetaTensor
+    from PIL import Image
+
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "bundles" / name / "configs" / "inference.json"))
+    parser["bundle_root"], parser["output_dir"] = str(tmp_path), str(tmp_path / "out")
+    save = parser.get_parsed_content("postprocessing").transforms[-1]
+    mask = torch.zeros(1, 3, 5)  # 3 rows, 5 columns: a transposed file would be 5 x 3
+    mask[0, 1, 4] = 1
+    meta = {"filename_or_obj": "/data/images/case_7.jpg"}
+    save({"pred": MetaTensor(mask, meta=meta), "image": MetaTensor(torch.zeros(3, 3, 5), meta=meta)})
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["case_7.png"]
+    with Image.open(tmp_path / "out" / "case_7.png") as im:
+        assert im.mode == "L"
+        written = np.asarray(im)
+    assert written.shape == (3, 5) and written[1, 4] == 255 and written.sum() == 255

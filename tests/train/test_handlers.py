@@ -4,31 +4,43 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 
-from gazemonai.metrics import dice_iou
 from gazemonai.train.handlers import (
-    ChannelDice,
     LossTerms,
     Progress,
     SegmentationReport,
+    _sampler_order,
+    level_metric,
     level_metrics,
 )
 
 
-def test_channel_dice_by_hand():
+def _evaluate(iterations, metrics, handlers=()):
+    """Run an engine whose iterations output the given per-image dicts (as MONAI's evaluators leave
+    them) with ``metrics`` attached as an evaluator attaches its key and additional metrics."""
+    engine = Engine(lambda e, batch: [{"pred": b["pred"], "label": b["label"]} for b in batch])
+    for name, metric in metrics.items():
+        metric.attach(engine, name)
+    for handler in handlers:
+        handler.attach(engine)
+    engine.run(iterations, max_epochs=1)
+    return engine
+
+
+def test_level_metrics_by_hand():
     pred = torch.zeros(2, 3, 2, 2)  # ensemble + 2 levels
     pred[0, 0, 0, :] = 1  # 2 pixels
     pred[0, 1, 0, 0] = 1
     label = torch.zeros(2, 1, 2, 2)
     label[0, 0, 0, 0] = 1  # image 0: one pixel; image 1: empty label and empty prediction
-    m = ChannelDice(0, output_transform=lambda o: o)
-    m.reset()
-    m.update((pred, label))
-    assert m.compute() == pytest.approx((2 / 3 + 1.0) / 2)
-    m1 = ChannelDice(1, output_transform=lambda o: o)
-    m1.reset()
-    m1.update((pred, label))
-    assert m1.compute() == pytest.approx(1.0)
-    assert dice_iou(pred[0, 0], label[0, 0]) == pytest.approx((2 / 3, 1 / 2))
+    images = [{"pred": pred[i], "label": label[i]} for i in range(2)]
+    metrics = {"ensemble": level_metric(0), "level_1": level_metric(1), "level_2": level_metric(2)}
+    metrics["level_1_iou"] = level_metric(1, iou=True)
+    state = _evaluate([images], metrics).state
+    assert state.metrics["ensemble"] == pytest.approx((2 / 3 + 1.0) / 2)
+    assert state.metrics["level_1"] == pytest.approx(1.0)
+    assert state.metrics["level_1_iou"] == pytest.approx(1.0)
+    assert state.metrics["level_2"] == pytest.approx((0.0 + 1.0) / 2)  # nothing predicted where 1 pixel is
+    assert state.metric_details["ensemble"].reshape(-1).tolist() == pytest.approx([2 / 3, 1.0])
     assert set(level_metrics(2, "test", iou=True)) == {
         "test_dice_level_1",
         "test_dice_level_2",
@@ -36,47 +48,67 @@ def test_channel_dice_by_hand():
         "test_iou_level_2",
         "test_mean_iou",
     }
+    assert set(level_metrics(2, "val")) == {"val_dice_level_1", "val_dice_level_2"}
 
 
 def test_segmentation_report(tmp_path):
-    report = SegmentationReport(str(tmp_path / "m.json"))
-    engine = Engine(lambda e, b: None)
-    report.attach(engine)
     pred = torch.zeros(2, 2, 2)
     pred[:, 0, 0] = 1
     label = torch.zeros(1, 2, 2)
     label[0, 0, 0] = 1
-    engine.state.batch = [{"id": "a"}]
-    engine.state.output = [{"pred": pred, "label": label}]
-    report._collect(engine)
-    report._write(engine)
-    out = json.loads((tmp_path / "m.json").read_text())
+
+    def evaluate(iterations):
+        metrics = {"eval_mean_dice": level_metric(0), **level_metrics(1, "eval", iou=True)}
+        _evaluate(iterations, metrics, [SegmentationReport(str(tmp_path / "m.json"))])
+        return json.loads((tmp_path / "m.json").read_text())
+
+    out = evaluate([[{"id": "a", "pred": pred, "label": label}]])
     assert out["images"] == 1 and out["per_image"][0]["id"] == "a"
-    assert out["mean"]["ensemble"] == {"dice": 1.0, "iou": 1.0}
+    assert out["mean"] == {"ensemble": {"dice": 1.0, "iou": 1.0}, "level_1": {"dice": 1.0, "iou": 1.0}}
     assert "both empty" in out["empty_convention"]
-    # a second evaluation: an empty prediction against a 1-pixel truth scores 0, both empty 1
-    engine.state.batch = [{"id": "b"}, {"id": "c"}]
-    engine.state.output = [{"pred": torch.zeros(2, 2, 2), "label": label}, {"pred": pred, "label": label * 0}]
-    report.rows.clear()
-    report._collect(engine)
-    report._write(engine)
-    out = json.loads((tmp_path / "m.json").read_text())
+    # an empty prediction against a 1-pixel truth scores 0, a prediction where nothing is 0,
+    # nothing where nothing is 1; two iterations, the rows in their order
+    out = evaluate(
+        [
+            [{"id": "b", "pred": torch.zeros(2, 2, 2), "label": label}],
+            [
+                {"id": "c", "pred": pred, "label": label * 0},
+                {"id": "d", "pred": pred * 0, "label": label * 0},
+            ],
+        ]
+    )
+    assert [r["id"] for r in out["per_image"]] == ["b", "c", "d"]
     assert out["per_image"][0]["level_1"] == {"dice": 0.0, "iou": 0.0}
     assert out["per_image"][1]["ensemble"] == {"dice": 0.0, "iou": 0.0}  # predicted, nothing there
-    assert out["mean"]["level_1"] == {"dice": 0.0, "iou": 0.0}
+    assert out["per_image"][2]["ensemble"] == {"dice": 1.0, "iou": 1.0}
+    assert out["mean"]["level_1"]["dice"] == pytest.approx(1 / 3)
 
 
-def test_channel_dice_on_images_of_different_sizes():
+def test_segmentation_report_needs_the_iou_handlers(tmp_path):
+    images = [[{"id": "a", "pred": torch.ones(2, 2, 2), "label": torch.ones(1, 2, 2)}]]
+    report = SegmentationReport(str(tmp_path / "m.json"))
+    with pytest.raises(ValueError, match="no metric eval_mean_iou"):
+        _evaluate(images, {"eval_mean_dice": level_metric(0)}, [report])
+
+
+def test_sampler_order_interleaves_the_ranks():
+    # 5 images on 2 ranks: rank 0 holds 0, 2, 4 (gathered first), rank 1 holds 1, 3
+    assert _sampler_order(5, 2) == [0, 3, 1, 4, 2]
+    assert _sampler_order(3, 1) == [0, 1, 2]
+    assert _sampler_order(3, 4) == [0, 1, 2]  # more ranks than images
+
+
+def test_level_metrics_on_images_of_different_sizes():
     """Evaluation at each image's own size: a list of (C, H, W) predictions of different H, W."""
-    preds = [torch.ones(2, 3, 4), torch.zeros(2, 5, 2)]
-    labels = [torch.ones(1, 3, 4), torch.ones(1, 5, 2)]
-    for channel, expected in ((0, (1.0 + 0.0) / 2), (1, 0.5)):
-        m = ChannelDice(channel, output_transform=lambda o: o)
-        m.reset()
-        m.update((preds, labels))
-        assert m.compute() == pytest.approx(expected)
+    images = [
+        {"pred": torch.ones(2, 3, 4), "label": torch.ones(1, 3, 4)},
+        {"pred": torch.zeros(2, 5, 2), "label": torch.ones(1, 5, 2)},
+    ]
+    state = _evaluate([images], {"ensemble": level_metric(0), "level_1": level_metric(1)}).state
+    assert state.metrics["ensemble"] == pytest.approx((1.0 + 0.0) / 2)
+    assert state.metrics["level_1"] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="channel 2 asked for"):
-        ChannelDice(2, output_transform=lambda o: o).update((preds, labels))
+        _evaluate([images], {"level_2": level_metric(2)})
 
 
 @pytest.mark.parametrize("step", ["joint", "levelwise"])

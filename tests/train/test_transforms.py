@@ -1,4 +1,4 @@
-"""Mask transforms: binarising ground truth, writing predictions (one file per key)."""
+"""Mask and image transforms: binarising ground truth, reading and normalising images."""
 
 import numpy as np
 import pytest
@@ -6,10 +6,10 @@ import torch
 from monai.data import MetaTensor
 from PIL import Image
 
-from gazemonai.train.transforms import BinarizeMaskd, SaveMaskd
+from gazemonai.train.transforms import BinarizeMaskd
 
 
-def test_binarize_and_save_mask(tmp_path):
+def test_binarize_mask():
     rgb = np.zeros((3, 4, 5), np.uint8)
     rgb[:, 1, 2] = 200  # JPEG-like 0/255 RGB mask
     rgb[0, 3, 4] = 100  # below 127: background
@@ -18,28 +18,7 @@ def test_binarize_and_save_mask(tmp_path):
     assert lab.shape == (1, 4, 5) and lab.sum() == 1 and lab[0, 1, 2] == 1
     ones = BinarizeMaskd("label")({"label": torch.tensor([[[0, 1], [1, 0]]])})["label"]
     assert ones.sum() == 2  # 0/1 label maps: foreground > 0
-    img = MetaTensor(torch.zeros(3, 4, 5), meta={"filename_or_obj": "/x/case_7.jpg"})
-    SaveMaskd("pred", output_dir=str(tmp_path))({"pred": lab, "image": img})
-    saved = np.asarray(Image.open(tmp_path / "case_7.png"))
-    assert saved.shape == (4, 5) and saved[1, 2] == 255 and saved.sum() == 255
-
-
-def test_save_mask_writes_one_file_per_key(tmp_path):
-    img = MetaTensor(torch.zeros(3, 2, 3), meta={"filename_or_obj": "/data/case_1.jpg"})
-    a, b = torch.zeros(1, 2, 3), torch.zeros(1, 2, 3)
-    a[0, 0, 0], b[0, 1, 2] = 1, 1
-    SaveMaskd(["pred", "level_1"], output_dir=str(tmp_path))({"pred": a, "level_1": b, "image": img})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["case_1_level_1.png", "case_1_pred.png"]
-    assert np.asarray(Image.open(tmp_path / "case_1_level_1.png"))[1, 2] == 255
-    assert np.asarray(Image.open(tmp_path / "case_1_pred.png"))[1, 2] == 0
-    SaveMaskd(["pred", "level_1"], output_dir=str(tmp_path / "p"), output_postfix=["", "l1"])(
-        {"pred": a, "level_1": b, "image": img}
-    )
-    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["case_1.png", "case_1_l1.png"]
-    with pytest.raises(ValueError, match="would write to the same files"):
-        SaveMaskd(["pred", "level_1"], output_postfix="")
-    with pytest.raises(ValueError, match="no filename_or_obj"):
-        SaveMaskd("pred", output_dir=str(tmp_path))({"pred": a, "image": torch.zeros(3, 2, 3)})
+    assert lab.meta["filename_or_obj"] == "m.jpg"
 
 
 def test_binarize_thresholds_per_key():
@@ -126,8 +105,25 @@ def test_normalize_image_schemes_against_hand_computed_values():
     meta = NormalizeImaged("image", "imagenet")(
         {"image": MetaTensor(img.clone(), meta={"filename_or_obj": "a.jpg"})}
     )
-    assert meta["image"].meta["filename_or_obj"] == "a.jpg"  # Invertd and SaveMaskd still find the source
+    assert meta["image"].meta["filename_or_obj"] == "a.jpg"  # Invertd and SaveImaged still find the source
     with pytest.raises(ValueError, match="image_normalization 'imagenet' needs 3 \\(RGB\\) channels, got 1"):
         NormalizeImaged("image", "imagenet")({"image": mr})
     with pytest.raises(ValueError, match="image_normalization must be one of"):
         NormalizeImaged("image", "minmax")
+
+
+def test_save_maskd_of_an_earlier_registered_inference_json_is_monai_s_saveimaged(tmp_path):
+    """A model registered with gazemonai 0.4.1 stored an inference.json naming SaveMaskd: the entry still
+    parses, to the SaveImaged the registry and MONAI Label leave out, writing <stem>.png 0/255, rows = y."""
+    from monai.bundle import ConfigParser
+    from monai.transforms import SaveImaged
+
+    entry = {"_target_": "gazemonai.train.transforms.SaveMaskd", "keys": "pred", "output_dir": str(tmp_path)}
+    save = ConfigParser({"save": {**entry, "source_key": "image"}}).get_parsed_content("save")
+    assert isinstance(save, SaveImaged)
+    mask = torch.zeros(1, 2, 3)
+    mask[0, 1, 2] = 1
+    save({"pred": MetaTensor(mask, meta={"filename_or_obj": "/data/case_1.jpg"})})
+    assert [p.name for p in tmp_path.iterdir()] == ["case_1.png"]
+    written = np.asarray(Image.open(tmp_path / "case_1.png"))
+    assert written.shape == (2, 3) and written[1, 2] == 255 and written.sum() == 255
