@@ -395,8 +395,14 @@ class TrainerState:
         self._check_same_data(saved.get("data") or {}, epoch, iteration)
         if self._planned is not None:
             self._continue_schedule(saved.get("schedule") or {})
+        if epoch > engine.state.max_epochs:  # MONAI's loader would raise a ValueError naming no setting
+            raise InvalidInputError(
+                f"cannot resume from {self.checkpoint}: it has trained {epoch} epochs, more than the "
+                f"{engine.state.max_epochs} of this run; give --epochs {epoch} or more (--iterations in the "
+                "paper profile), or another --bundle_root"
+            )
         engine.state.epoch, engine.state.iteration = epoch, iteration
-        if epoch >= engine.state.max_epochs:
+        if epoch == engine.state.max_epochs:
             logger.info("training already complete (%d epochs)", epoch)
 
     def _check_same_data(self, saved: Mapping, epoch: int, iteration: int) -> None:

@@ -43,6 +43,10 @@ def test_latest_checkpoint_round_trip(tmp_path):
     engine2.run([0, 0], max_epochs=3)
     assert epochs == [3]  # resumed after epoch 2
     assert all(torch.equal(saved[k], v) for k, v in net2.state_dict().items())
+    engine3 = Engine(lambda e, b: None)
+    _resumable(engine3, tmp_path / "latest.pt", {"model": net2})
+    with pytest.raises(ValueError, match="trained 3 epochs, more than the 2 of this run; give --epochs 3"):
+        engine3.run([0, 0], max_epochs=2)
 
 
 def test_latest_pt_loads_with_monai_s_own_checkpoint_loader(tmp_path):
