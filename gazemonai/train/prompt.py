@@ -80,7 +80,7 @@ def load_prompt_weights(network: MultiLevelNet, path: str | os.PathLike) -> None
             f"{type(network).__name__} without one (is configs/prompt_stage2.json in the config list?)"
         )
     _require(path)
-    state = model_weights(load_weights(path))  # bare (BestCheckpoint) or {"model": ...} (bundles < 0.5.0)
+    state = model_weights(load_weights(path))  # bare (CheckpointSaver) or {"model": ...} (bundles < 0.5.0)
     if not isinstance(state, Mapping):
         raise InvalidInputError(f"{os.fspath(path)} holds no state dict (a {type(state).__name__})")
     expected = network.prompt.state_dict()

@@ -234,3 +234,28 @@ def test_inference_writes_each_mask_as_a_0_255_png_named_after_its_image(name, t
         assert im.mode == "L"
         written = np.asarray(im)
     assert written.shape == (3, 5) and written[1, 4] == 255 and written.sum() == 255
+
+
+@pytest.mark.parametrize("name", ["kvasir_gaze", "prostate_gaze"])
+def test_the_checkpoints_are_monai_s_own_handlers(name, synthetic_root, tmp_path):
+    """model.pt is MONAI's CheckpointSaver's, configured as the zoo's bundles do; a run with a latest.pt
+    resumes through MONAI's CheckpointLoader, the trainer's place in its save_dict (#25 item 10)."""
+    from monai.bundle import ConfigParser
+    from monai.handlers import CheckpointLoader, CheckpointSaver
+
+    def parsed(key):
+        parser = ConfigParser()
+        parser.read_config(str(ROOT / "bundles" / name / "configs" / "train.json"))
+        parser.update({"bundle_root": str(tmp_path), "dataset_dir": str(synthetic_root), "val_group": None,
+                       "gaze_csv": str(synthetic_root / "gaze.csv"), "val_fraction": 0.5, "batch_size": 1,
+                       "train#dataset#cache_rate": 0.0, "validate#dataset#cache_rate": 0.0})  # fmt: skip
+        return parser, parser.get_parsed_content(key)
+
+    parser, saver = parsed("validate#best_model")
+    assert isinstance(saver, CheckpointSaver)
+    assert parser["validate#best_model"]["key_metric_filename"] == "model.pt"
+    assert not any(isinstance(h, CheckpointLoader) for h in parsed("train#handlers")[1])  # nothing to resume
+    (tmp_path / "models" / "latest.pt").write_bytes(b"")  # the saver's DiskSaver made the folder
+    (loader,) = [h for h in parsed("train#handlers")[1] if isinstance(h, CheckpointLoader)]
+    assert loader.load_path == f"{tmp_path}/models/latest.pt"
+    assert list(loader.load_dict) == ["model", "optimizer", "lr_scheduler", "best", "trainer", "random"]

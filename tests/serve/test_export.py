@@ -37,12 +37,11 @@ def test_the_network_pads_inside_so_eager_and_scripted_agree_at_any_size():
 
 
 def test_the_model_zoo_ckpt_export_command_works_on_a_training_model_pt(tmp_path):
-    """The zoo's command, as its users type it, on model.pt as BestCheckpoint writes it."""
+    """The zoo's command, as its users type it, on model.pt as the training's CheckpointSaver writes it."""
     from ignite.engine import Engine
     from monai.bundle import ConfigParser
     from monai.data import load_net_with_metadata
-
-    from gazemonai.train.checkpoints import BestCheckpoint
+    from monai.handlers import CheckpointSaver
 
     folder = tmp_path / "kvasir_gaze"
     shutil.copytree(KVASIR / "configs", folder / "configs")
@@ -52,7 +51,12 @@ def test_the_model_zoo_ckpt_export_command_works_on_a_training_model_pt(tmp_path
     net = parser.get_parsed_content("network_def").eval()
     evaluator = Engine(lambda e, b: None)
     evaluator.state.metrics, evaluator.state.key_metric_name = {"val_mean_dice": 0.5}, "val_mean_dice"
-    BestCheckpoint(str(folder / "models" / "model.pt"), net)._check(evaluator)  # as a training saves it
+    train = json.loads((KVASIR / "configs" / "train.json").read_text())["validate"]["best_model"]
+    assert train["_target_"] == "CheckpointSaver" and train["key_metric_filename"] == "model.pt"
+    saver = CheckpointSaver(
+        str(folder / "models"), {"model": net}, save_key_metric=True, key_metric_filename="model.pt"
+    )
+    saver.metrics_completed(evaluator)  # as a training saves it
     p = subprocess.run(
         [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", "models/model.ts",
          "--ckpt_file", "models/model.pt", "--meta_file", "configs/metadata.json",

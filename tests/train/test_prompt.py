@@ -106,7 +106,7 @@ def test_level_refuses_a_pyramid_of_another_image():
 
 def test_stage_one_checkpoint_loads_into_stage_two(tmp_path):
     stage1 = PyramidClassifier(in_channels=3, features=FEATURES)
-    torch.save(stage1.state_dict(), tmp_path / "model.pt")  # as BestCheckpoint writes it
+    torch.save(stage1.state_dict(), tmp_path / "model.pt")  # as CheckpointSaver writes it
     torch.save({"model": stage1.state_dict()}, tmp_path / "old.pt")  # as bundles <= 0.4.1 wrote it
     for name in ("model.pt", "old.pt"):
         net = prompted()
