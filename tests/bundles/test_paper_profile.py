@@ -72,7 +72,9 @@ def test_paper_profile_runs_exactly_15000_iterations(name):
     assert parser.get_parsed_content("train#lr_scheduler#T_max") == 15000  # cosine ends at the last step
     assert parser.get_parsed_content("train#lr_scheduler#eta_min") == 1e-4
     (index,) = [
-        i for i, h in enumerate(parser["train#handlers"]) if h["_target_"].endswith(".IterationLimit")
+        i
+        for i, h in enumerate(parser["train#handlers"])
+        if isinstance(h, dict) and h.get("_target_", "").endswith(".IterationLimit")  # also "@..." entries
     ]
     limit = parser.get_parsed_content(f"train#handlers#{index}")
     assert isinstance(limit, IterationLimit)

@@ -267,15 +267,15 @@ async function showImage(index) {
     fitView(img, false);
     placeLayers();
     img.hidden = false;
-    state.phase = "image";
-    state.geometry = geometry();
-    state.shownAt = performance.now();
-    await flushSamples();
-    post("/api/begin", { index, t: now(), geometry: state.geometry }).catch((e) => toast(`not recorded: ${e.message}`));
     $("progress").textContent = state.info.server
       ? `${index + 1}  ${state.images[index]}  (${state.info.strategy}` +
         `${state.picked && state.picked.score != null ? ` ${Number(state.picked.score).toFixed(3)}` : ""} @ ${state.info.server})`
       : `${index + 1} / ${state.images.length}  ${state.images[index]}`;
+    state.phase = "image"; // after the progress line, which names the image shown
+    state.geometry = geometry();
+    state.shownAt = performance.now();
+    await flushSamples();
+    post("/api/begin", { index, t: now(), geometry: state.geometry }).catch((e) => toast(`not recorded: ${e.message}`));
   };
   img.onerror = async () => {
     state.skipped += 1;
